@@ -1,0 +1,99 @@
+"""Max, average and global average pooling with window-by-window backward passes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from converters.layers.base import Lowering, check_common_options, require
+from converters.layers.spatial import crop_spatial, pad_spatial, padding_plan, scatter_window, window_slice
+
+_LOWEST_FLOAT32 = float(np.finfo(np.float32).min)
+
+
+class _PoolingLowering(Lowering):
+    def __init__(self, layer: Any, weight_indices: list[int]):
+        super().__init__(layer, weight_indices)
+        check_common_options(self)
+        require(self, layer.padding in ("same", "valid"), f"padding='{layer.padding}'")
+        self.pool = tuple(int(p) for p in layer.pool_size)
+        self.strides = tuple(int(s) for s in (layer.strides or layer.pool_size))
+
+    def _plan(self, x: tf.Tensor):
+        return padding_plan(x.shape, self.pool, self.strides, self.layer.padding)
+
+    def _offsets(self):
+        return [(row, col) for row in range(self.pool[0]) for col in range(self.pool[1])]
+
+    def _gather_back(self, contributions, x, pads):
+        """Sum per-offset gradients [B,Ho,Wo,C] back onto the input's positions."""
+        hp = x.shape[1] + sum(pads[0])
+        wp = x.shape[2] + sum(pads[1])
+        total = tf.add_n([scatter_window(g, row, col, self.strides, (hp, wp))
+                          for (row, col), g in contributions])
+        return crop_spatial(total, pads, (x.shape[1], x.shape[2]))
+
+
+class MaxPooling2DLowering(_PoolingLowering):
+    """The gradient goes to the first maximum of each window, as TensorFlow's MaxPoolGrad does."""
+
+    def forward(self, ctx, weights, inputs):
+        x = inputs[0]
+        y = tf.nn.max_pool2d(x, list(self.pool), list(self.strides), self.layer.padding.upper())
+        return y, (x, y)
+
+    def backward(self, cache, weights, dy, need_input_grads):
+        x, y = cache
+        out_hw, pads = self._plan(x)
+        xp = pad_spatial(x, pads, _LOWEST_FLOAT32)
+        taken = tf.zeros_like(y)
+        contributions = []
+        for row, col in self._offsets():
+            is_max = tf.cast(tf.equal(window_slice(xp, row, col, out_hw, self.strides), y), y.dtype)
+            first = is_max * (1.0 - taken)
+            taken = taken + first
+            contributions.append(((row, col), dy * first))
+        return [self._gather_back(contributions, x, pads)], []
+
+
+class AveragePooling2DLowering(_PoolingLowering):
+    """Each window's gradient is spread over its real (unpadded) elements, as TF averages them."""
+
+    def forward(self, ctx, weights, inputs):
+        x = inputs[0]
+        return tf.nn.avg_pool2d(x, list(self.pool), list(self.strides), self.layer.padding.upper()), x
+
+    def _window_sizes(self, x) -> np.ndarray:
+        """How many real elements each output window covers, [1, Ho, Wo, 1]."""
+        (oh, ow), pads = self._plan(x)
+        real = np.pad(np.ones(x.shape[1:3], np.float32), pads)
+        sizes = np.zeros((oh, ow), np.float32)
+        for row, col in self._offsets():
+            sizes += real[row: row + (oh - 1) * self.strides[0] + 1: self.strides[0],
+                          col: col + (ow - 1) * self.strides[1] + 1: self.strides[1]]
+        return sizes[None, :, :, None]
+
+    def backward(self, cache, weights, dy, need_input_grads):
+        x = cache
+        _, pads = self._plan(x)
+        share = dy / self._window_sizes(x)
+        return [self._gather_back([(offset, share) for offset in self._offsets()], x, pads)], []
+
+
+class GlobalAveragePooling2DLowering(Lowering):
+    """Mean over height and width; the gradient is dy / (H*W) broadcast back."""
+
+    def __init__(self, layer: Any, weight_indices: list[int]):
+        super().__init__(layer, weight_indices)
+        check_common_options(self)
+
+    def forward(self, ctx, weights, inputs):
+        x = inputs[0]
+        return tf.reduce_mean(x, axis=[1, 2], keepdims=bool(self.layer.keepdims)), x.shape
+
+    def backward(self, cache, weights, dy, need_input_grads):
+        b, h, w, c = cache
+        dy = tf.reshape(dy, [b, 1, 1, c]) / float(h * w)
+        return [tf.broadcast_to(dy, cache)], []
