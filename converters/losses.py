@@ -43,7 +43,7 @@ def loss_spec(loss: Any) -> LossSpec:
     """Resolve a Keras loss (a name, a keras.losses.Loss or a keras.losses function)."""
     if isinstance(loss, str):
         name, from_logits, config = loss, False, {}
-    elif isinstance(loss, keras.losses.LossFunctionWrapper):
+    elif isinstance(loss, keras.losses.Loss) and callable(getattr(loss, "fn", None)):  # LossFunctionWrapper
         config = loss.get_config()
         name, from_logits = loss.fn.__name__, bool(config.get("from_logits", False))
     elif callable(loss) and hasattr(loss, "__name__"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from converters.errors import ConversionError
@@ -14,7 +15,8 @@ _UNSUPPORTED_OPTIONS = ("weight_decay", "clipnorm", "clipvalue", "global_clipnor
 
 
 def _float(value: Any) -> float:
-    return float(keras.ops.convert_to_numpy(value))
+    """A hyper-parameter as the float32 Keras computes with, written as its shortest decimal."""
+    return float(str(np.float32(keras.ops.convert_to_numpy(value))))
 
 
 def optimizer_config(optimizer: Any) -> dict[str, Any]:
@@ -32,13 +34,13 @@ def optimizer_config(optimizer: Any) -> dict[str, Any]:
         raise ConversionError(f"optimizer {name}: a learning-rate schedule is not supported; give a "
                               "float and change it between rounds with set_learning_rate")
     if name == "SGD":
-        return {"name": "sgd", "learning_rate": float(config["learning_rate"]),
-                "momentum": float(config["momentum"]), "nesterov": bool(config["nesterov"])}
+        return {"name": "sgd", "learning_rate": _float(config["learning_rate"]),
+                "momentum": _float(config["momentum"]), "nesterov": bool(config["nesterov"])}
     if config.get("amsgrad"):
         raise ConversionError("optimizer Adam: amsgrad=True is not supported")
-    return {"name": "adam", "learning_rate": float(config["learning_rate"]),
+    return {"name": "adam", "learning_rate": _float(config["learning_rate"]),
             "beta_1": _float(config["beta_1"]), "beta_2": _float(config["beta_2"]),
-            "epsilon": float(config["epsilon"])}
+            "epsilon": _float(config["epsilon"])}
 
 
 class OptimizerState(tf.Module):

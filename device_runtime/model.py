@@ -206,13 +206,20 @@ class TrainableModel:
         mask[: x.shape[0]] = 1.0
         return _pad_rows(x, b), _pad_rows(y, b), mask
 
+    def _full_batch(self, x: Any, y: Any, mask: Any) -> dict[str, np.ndarray]:
+        """Validate a full batch of B rows and its mask, as the train/evaluate signatures take them."""
+        b = self._batch_size
+        return {"x": _validated_rows(x, self._manifest["input"], "x", b, b),
+                "y": _validated_rows(y, self._manifest["label"], "y", b, b),
+                "mask": _validated_rows(mask, {"shape": [], "dtype": "float32"}, "mask", b, b)}
+
     def train_step(self, x: Any, y: Any, mask: Any) -> float:
         """One optimizer step on a full batch of B rows where `mask` marks real rows; returns the loss."""
-        b = self._batch_size
-        x = _validated_rows(x, self._manifest["input"], "x", b, b)
-        y = _validated_rows(y, self._manifest["label"], "y", b, b)
-        mask = _validated_rows(mask, {"shape": [], "dtype": "float32"}, "mask", b, b)
-        return float(self._run("train", x=x, y=y, mask=mask)["loss"])
+        return float(self._run("train", **self._full_batch(x, y, mask))["loss"])
+
+    def evaluate_step(self, x: Any, y: Any, mask: Any) -> float:
+        """Accumulate metrics on a full batch of B rows where `mask` marks real rows; returns the loss."""
+        return float(self._run("evaluate", **self._full_batch(x, y, mask))["loss"])
 
     def train_batch(self, x: Any, y: Any) -> float:
         """One optimizer step on 1..B examples (padded and masked); returns their mean loss."""

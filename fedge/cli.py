@@ -1,0 +1,145 @@
+"""The `fedge` command: `fedge convert` lowers a saved Keras model, `fedge inspect` reads an artifact.
+
+TensorFlow is imported only by `convert`; `inspect` needs the device-side dependencies alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from device_runtime.artifact import ArtifactError, list_operators, list_signatures, read_manifest, verify_content_hash
+
+
+_CROSS_ENTROPY_CLASSES = {"sparse_categorical_crossentropy": "SparseCategoricalCrossentropy",
+                          "categorical_crossentropy": "CategoricalCrossentropy",
+                          "binary_crossentropy": "BinaryCrossentropy"}
+
+
+def _build_optimizer(args: argparse.Namespace) -> Any:
+    import keras
+
+    if args.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=args.learning_rate, momentum=args.momentum, nesterov=args.nesterov)
+    return keras.optimizers.Adam(learning_rate=args.learning_rate, beta_1=args.beta_1, beta_2=args.beta_2,
+                                 epsilon=args.epsilon)
+
+
+def convert_command(args: argparse.Namespace) -> int:
+    """Load a saved Keras model and write its trainable artifact."""
+    import keras
+
+    from converters import ConversionError, convert_keras_model
+
+    if args.from_logits and args.loss not in _CROSS_ENTROPY_CLASSES:
+        print(f"fedge convert: --from-logits applies to cross-entropy losses, not {args.loss}", file=sys.stderr)
+        return 2
+    model = keras.models.load_model(args.model, compile=False)
+    loss = getattr(keras.losses, _CROSS_ENTROPY_CLASSES[args.loss])(from_logits=True) if args.from_logits else args.loss
+    try:
+        result = convert_keras_model(model, loss=loss, optimizer=_build_optimizer(args), batch_size=args.batch_size,
+                                     metrics=args.metrics, model_name=args.name)
+    except ConversionError as error:
+        print(f"fedge convert: {args.model}: {error}", file=sys.stderr)
+        return 2
+    output = Path(args.output or Path(args.model).with_suffix(".tflite"))
+    result.save(output)
+    print(f"wrote {output} ({len(result.tflite_bytes):,} bytes, {result.manifest['num_parameters']:,} parameters, "
+          f"batch {result.manifest['batch_size']}, {result.manifest['content_hash']})")
+    return 0
+
+
+def inspect_report(model_bytes: bytes) -> dict[str, Any]:
+    """Everything `fedge inspect` shows, as a JSON-ready dict."""
+    operators = list_operators(model_bytes)
+    manifest = read_manifest(model_bytes)
+    try:
+        hash_status = f"ok ({verify_content_hash(model_bytes)})"
+    except ArtifactError as error:
+        hash_status = f"MISMATCH: {error}"
+    return {
+        "size_bytes": len(model_bytes),
+        "num_parameters": manifest.get("num_parameters"),
+        "builtin_only": all(op.builtin for op in operators),
+        "content_hash": hash_status,
+        "signatures": {s.key: {"inputs": {t.name: [list(t.shape), t.dtype] for t in s.inputs},
+                               "outputs": {t.name: [list(t.shape), t.dtype] for t in s.outputs}}
+                       for s in list_signatures(model_bytes)},
+        "operators": {op.name: op.count for op in operators},
+        "non_builtin_operators": [op.name for op in operators if not op.builtin],
+        "manifest": manifest,
+    }
+
+
+def _print_report(path: str, report: dict[str, Any]) -> None:
+    verdict = "yes" if report["builtin_only"] else f"NO ({', '.join(report['non_builtin_operators'])})"
+    manifest = report["manifest"]
+    print(f"{path}: {report['size_bytes']:,} bytes, {report['num_parameters']:,} parameters")
+    print(f"builtin ops only: {verdict}")
+    print(f"content hash: {report['content_hash']}")
+    print(f"batch size {manifest['batch_size']}, loss {manifest['loss']}, optimizer {manifest['optimizer']}")
+    print("signatures:")
+    for key, io in report["signatures"].items():
+        inputs = ", ".join(f"{name}{shape} {dtype}" for name, (shape, dtype) in io["inputs"].items())
+        outputs = ", ".join(f"{name}{shape} {dtype}" for name, (shape, dtype) in io["outputs"].items())
+        print(f"  {key}({inputs}) -> {outputs}")
+    print("operators:")
+    for name, count in report["operators"].items():
+        print(f"  {count:6d}  {name}")
+    print("manifest:")
+    print(json.dumps(manifest, indent=2))
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    """Print an artifact's signatures, operators, builtin-only verdict, size and manifest."""
+    try:
+        report = inspect_report(Path(args.file).read_bytes())
+    except (OSError, ArtifactError) as error:
+        print(f"fedge inspect: {args.file}: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_report(args.file, report)
+    return 0 if report["builtin_only"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedge", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    convert = commands.add_parser("convert", help="lower a saved Keras model (.keras) to a trainable .tflite")
+    convert.add_argument("model", help="a model saved with model.save('model.keras')")
+    convert.add_argument("-o", "--output", help="output .tflite path (default: the model's path with .tflite)")
+    convert.add_argument("--loss", required=True, choices=["sparse_categorical_crossentropy", "categorical_crossentropy",
+                                                           "binary_crossentropy", "mean_squared_error"])
+    convert.add_argument("--from-logits", action="store_true", help="the model outputs logits (cross-entropy losses)")
+    convert.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    convert.add_argument("--learning-rate", type=float, default=0.01)
+    convert.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
+    convert.add_argument("--nesterov", action="store_true", help="SGD with Nesterov momentum")
+    convert.add_argument("--beta-1", type=float, default=0.9, help="Adam beta_1")
+    convert.add_argument("--beta-2", type=float, default=0.999, help="Adam beta_2")
+    convert.add_argument("--epsilon", type=float, default=1e-7, help="Adam epsilon")
+    convert.add_argument("--batch-size", type=int, required=True)
+    convert.add_argument("--metrics", nargs="*", default=["accuracy"], help="'accuracy' or nothing")
+    convert.add_argument("--name", help="model name recorded in the manifest")
+    convert.set_defaults(run=convert_command)
+
+    inspect = commands.add_parser("inspect", help="show an artifact's signatures, operators and manifest")
+    inspect.add_argument("file")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.set_defaults(run=inspect_command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
