@@ -62,26 +62,28 @@ class OptimizerState(tf.Module):
             for slot in slots:
                 slot.assign(tf.zeros_like(slot))
 
-    def apply(self, variables: list[tf.Variable], grads: list[tf.Tensor]) -> None:
-        """One update of `variables` (the trainable ones, in slot order) by `grads`."""
+    def apply(self, variables: list[tf.Variable], values: list[tf.Tensor], grads: list[tf.Tensor]) -> None:
+        """One update of `variables` (the trainable ones, in slot order) by `grads`; `values`
+        are the variables as already read for this step, so they are not read (copied) again."""
         lr = self.learning_rate.read_value()
         if self.config["name"] == "adam":
             beta_1, beta_2 = self.config["beta_1"], self.config["beta_2"]
             step = self.iterations + 1.0
             alpha = lr * tf.sqrt(1.0 - tf.pow(beta_2, step)) / (1.0 - tf.pow(beta_1, step))
-            for variable, grad, (m, v) in zip(variables, grads, self.slots):
-                m.assign_add((grad - m) * (1.0 - beta_1))
-                v.assign_add((grad * grad - v) * (1.0 - beta_2))
-                variable.assign_sub(m * alpha / (tf.sqrt(v) + self.config["epsilon"]))
+            for variable, value, grad, (m, v) in zip(variables, values, grads, self.slots):
+                m_new = m + (grad - m) * (1.0 - beta_1)
+                v_new = v + (grad * grad - v) * (1.0 - beta_2)
+                m.assign(m_new)
+                v.assign(v_new)
+                variable.assign(value - m_new * alpha / (tf.sqrt(v_new) + self.config["epsilon"]))
         elif self.config.get("momentum"):
             momentum = self.config["momentum"]
-            for variable, grad, (m,) in zip(variables, grads, self.slots):
-                m.assign(m * momentum - grad * lr)
-                if self.config["nesterov"]:
-                    variable.assign_add(m * momentum - grad * lr)
-                else:
-                    variable.assign_add(m)
+            for variable, value, grad, (m,) in zip(variables, values, grads, self.slots):
+                m_new = m * momentum - grad * lr
+                m.assign(m_new)
+                step = m_new * momentum - grad * lr if self.config["nesterov"] else m_new
+                variable.assign(value + step)
         else:
-            for variable, grad in zip(variables, grads):
-                variable.assign_sub(grad * lr)
+            for variable, value, grad in zip(variables, values, grads):
+                variable.assign(value - grad * lr)
         self.iterations.assign_add(1.0)

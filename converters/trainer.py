@@ -26,6 +26,12 @@ def weight_key(index: int) -> str:
     return f"w_{index:03d}"
 
 
+def _signature(function: Any, input_signature: list[tf.TensorSpec]) -> Any:
+    """A graph function for one signature; autograph is off because the lowering has no
+    tensor-dependent Python control flow (and tracing is about a third faster without it)."""
+    return tf.function(function, input_signature=input_signature, autograph=False)
+
+
 class TrainableModule(tf.Module):
     """Weights, optimizer and metric variables of one model, and its signature functions."""
 
@@ -44,16 +50,16 @@ class TrainableModule(tf.Module):
         mask_spec = tf.TensorSpec([x_spec.shape[0]], tf.float32, name="mask")
         weight_specs = [tf.TensorSpec(w.shape, w.dtype, name=weight_key(i)) for i, w in enumerate(self.model_weights)]
         self.signature_functions = {
-            "train": tf.function(self._train, input_signature=[x_spec, y_spec, mask_spec]),
-            "evaluate": tf.function(self._evaluate, input_signature=[x_spec, y_spec, mask_spec]),
-            "forward": tf.function(self._predict, input_signature=[x_spec]),
-            "report_metrics": tf.function(self._report_metrics, input_signature=[]),
-            "reset_metrics": tf.function(self._reset_metrics, input_signature=[]),
-            "get_weights": tf.function(self._get_weights, input_signature=[]),
-            "set_weights": tf.function(self._set_weights, input_signature=weight_specs),
-            "set_learning_rate": tf.function(self._set_learning_rate, input_signature=[
+            "train": _signature(self._train, input_signature=[x_spec, y_spec, mask_spec]),
+            "evaluate": _signature(self._evaluate, input_signature=[x_spec, y_spec, mask_spec]),
+            "forward": _signature(self._predict, input_signature=[x_spec]),
+            "report_metrics": _signature(self._report_metrics, input_signature=[]),
+            "reset_metrics": _signature(self._reset_metrics, input_signature=[]),
+            "get_weights": _signature(self._get_weights, input_signature=[]),
+            "set_weights": _signature(self._set_weights, input_signature=weight_specs),
+            "set_learning_rate": _signature(self._set_learning_rate, input_signature=[
                 tf.TensorSpec([], tf.float32, name="learning_rate")]),
-            "reset_optimizer": tf.function(self._reset_optimizer, input_signature=[]),
+            "reset_optimizer": _signature(self._reset_optimizer, input_signature=[]),
         }
 
     @property
@@ -129,7 +135,7 @@ class TrainableModule(tf.Module):
         for index, value in ctx.updates:
             self.model_weights[index].assign(value)
         self.optimizer.apply(
-            [self.model_weights[i] for i in self._trainable],
+            [self.model_weights[i] for i in self._trainable], [weights[i] for i in self._trainable],
             [weight_grads.get(i, tf.zeros_like(weights[i])) for i in self._trainable])
         self._accumulate_metrics(values, y, mask, per_example)
         return {"loss": loss}

@@ -77,8 +77,7 @@ class SignatureInfo:
 def _root(model_bytes: bytes) -> Table:
     if len(model_bytes) < 8 or model_bytes[4:8] != TFLITE_FILE_IDENTIFIER:
         raise ArtifactError("not a TFLite flatbuffer (file identifier 'TFL3' missing)")
-    buf = bytearray(model_bytes) if not isinstance(model_bytes, bytearray) else model_bytes
-    return Table(buf, flatbuffers.encode.Get(flatbuffers.packer.uoffset, buf, 0))
+    return Table(model_bytes, flatbuffers.encode.Get(flatbuffers.packer.uoffset, model_bytes, 0))
 
 
 def _vector(table: Table, slot: int) -> list[Table]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 from typing import Any
 
 _BACKENDS = (
@@ -35,9 +36,23 @@ def interpreter_backend_name() -> str:
     return _interpreter_class()[0]
 
 
+def default_num_threads() -> int:
+    """The CPU cores this process may run on (what TensorFlow/Keras uses for a train step)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def load_interpreter(model_content: bytes, num_threads: int | None = None) -> Any:
-    """Create an interpreter for an in-memory .tflite model (ImportError if no backend is installed)."""
+    """Create an interpreter for an in-memory .tflite model (ImportError if no backend is installed).
+
+    `num_threads=None` uses every core available to the process: the interpreter's own
+    default is one thread for the XNNPACK delegate, which runs the train step's matmuls.
+    """
     if num_threads is not None and num_threads < 1:
         raise ValueError(f"num_threads must be a positive integer or None, got {num_threads!r}")
+    if num_threads is None:
+        num_threads = default_num_threads()
     _, interpreter_cls = _interpreter_class()
     return interpreter_cls(model_content=bytes(model_content), num_threads=num_threads)

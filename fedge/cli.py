@@ -38,10 +38,12 @@ def convert_command(args: argparse.Namespace) -> int:
         print(f"fedge convert: --from-logits applies to cross-entropy losses, not {args.loss}", file=sys.stderr)
         return 2
     model = keras.models.load_model(args.model, compile=False)
+    metrics = args.metrics if args.metrics is not None else \
+        (["accuracy"] if args.loss in _CROSS_ENTROPY_CLASSES else [])
     loss = getattr(keras.losses, _CROSS_ENTROPY_CLASSES[args.loss])(from_logits=True) if args.from_logits else args.loss
     try:
         result = convert_keras_model(model, loss=loss, optimizer=_build_optimizer(args), batch_size=args.batch_size,
-                                     metrics=args.metrics, model_name=args.name)
+                                     metrics=metrics, model_name=args.name)
     except ConversionError as error:
         print(f"fedge convert: {args.model}: {error}", file=sys.stderr)
         return 2
@@ -125,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--beta-2", type=float, default=0.999, help="Adam beta_2")
     convert.add_argument("--epsilon", type=float, default=1e-7, help="Adam epsilon")
     convert.add_argument("--batch-size", type=int, required=True)
-    convert.add_argument("--metrics", nargs="*", default=["accuracy"], help="'accuracy' or nothing")
+    convert.add_argument("--metrics", nargs="*", help="'accuracy' or nothing (default: accuracy for cross-entropy)")
     convert.add_argument("--name", help="model name recorded in the manifest")
     convert.set_defaults(run=convert_command)
 

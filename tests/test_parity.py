@@ -29,7 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from converters import ConversionError, UnsupportedLayerError, convert_keras_model  # noqa: E402,F401
+from converters import ConversionError, UnsupportedLayerError, convert_keras_model  # noqa: E402
 from device_runtime.artifact import list_operators  # noqa: E402
 from device_runtime.model import TrainableModel  # noqa: E402
 
@@ -45,8 +45,9 @@ L = keras.layers
 # artifact's hand-written backward pass (e.g. softmax - one_hot, a conv filter gradient as a
 # conv of transposed operands) is a different but mathematically equal formula to TF's
 # autodiff. Each step therefore differs by a few float32 ulps (~1e-7 relative) of the
-# summed magnitudes, and that accumulates over the 4-6 steps of a case to well below 1e-6
-# relative. rtol=1e-5 leaves an order of magnitude of headroom, while any real mistake (a
+# summed magnitudes, and that accumulates over the 4-6 steps of a case. Measured on every
+# case here: the largest |litert - keras| / (atol + rtol * |keras|) is about 0.2 (0.03 for
+# most cases), so there is headroom of 5x or more, while any real mistake (a
 # missing term, a wrong scale, a masked row leaking into a mean or batch statistics, an
 # off-by-one in SAME padding) shows up at 1e-3 or larger. atol=1e-6 covers entries that are
 # (near) zero, e.g. biases and moving means after a few steps, where relative error means
@@ -121,7 +122,10 @@ def functional_concat():
 def residual_block():
     inp = keras.Input((8, 8, 2))
     h = L.Conv2D(4, 3, padding="same", activation="relu")(inp)
-    r = L.Conv2D(4, 3, padding="same")(h)
+    # no bias before batch norm (as in real ResNets): BN cancels it, so its gradient is 0 up
+    # to float32 cancellation noise (~1e-7 a step, amplified by momentum), which TF and
+    # LiteRT round differently; with a bias this case reached 0.64 of the tolerance
+    r = L.Conv2D(4, 3, padding="same", use_bias=False)(h)
     r = L.BatchNormalization()(r)
     h = L.ReLU()(L.Add()([h, r]))
     out = L.Dense(3)(L.GlobalAveragePooling2D()(h))
@@ -181,8 +185,11 @@ def dense_activation_case(act):
                 sparse_labels((6,)))
 
 
+# Conversion (~1-1.5 s a model) dominates the run time, so each model covers one thing and
+# nothing twice: the "linear" activation is every case's output Dense, plain SGD (lr 0.1) is
+# every case's default optimizer, Flatten is in most conv cases.
 LAYER_CASES = [
-    *[dense_activation_case(a) for a in ["relu", "relu6", "sigmoid", "tanh", "softmax", "linear"]],
+    *[dense_activation_case(a) for a in ["relu", "relu6", "sigmoid", "tanh", "softmax"]],
     # activations as separate layers; the final Softmax layer's logits feed the loss
     Case("activation-layers",
          lambda: seq((6,), L.Dense(8), L.Activation("tanh"), L.Dense(8), L.ReLU(),
@@ -195,13 +202,10 @@ LAYER_CASES = [
     conv_case(3, 2, "valid", 9, 3),
     depthwise_case(1, "same", 1, 8, 3),
     depthwise_case(2, "same", 2, 9, 2),
-    depthwise_case(2, "valid", 1, 8, 3),
     depthwise_case(1, "valid", 2, 8, 2),
-    pool_case("max", 2, 2, "valid", 8),
-    pool_case("avg", 2, 2, "valid", 8),
     pool_case("max", 3, 2, "same", 8),  # asymmetric SAME padding, overlapping windows
     pool_case("avg", 3, 2, "same", 9),  # padded cells excluded from the average
-    pool_case("max", 2, 2, "valid", 9),  # odd size: the last row/column is dropped
+    pool_case("max", 2, 2, "valid", 9),  # pool 2 stride 2 valid; odd size drops the last row/col
     pool_case("avg", 2, 2, "valid", 9),
     Case("global-average-pooling-2d",
          lambda: seq((8, 8, 2), L.Conv2D(4, 3, padding="same", activation="relu"),
@@ -247,11 +251,11 @@ LOSS_CASES = [
     Case("loss-mse", lambda: mlp(3), regression_targets((6,)), loss="mse", metrics=()),
 ]
 
+# plain SGD: the default of the layer cases above
 OPTIMIZER_CASES = [
     Case(f"opt-{name}", lambda: mlp(3, "softmax"), sparse_labels((6,)), loss=SCCE,
          optimizer=opt, steps=5)
     for name, opt in [
-        ("sgd", functools.partial(SGD, learning_rate=0.1)),
         ("sgd-momentum", functools.partial(SGD, learning_rate=0.1, momentum=0.9)),
         ("sgd-nesterov", functools.partial(SGD, learning_rate=0.1, momentum=0.9, nesterov=True)),
         ("adam-lr0.001", functools.partial(ADAM, learning_rate=1e-3)),
@@ -299,6 +303,11 @@ def assert_builtin_only(tflite_bytes: bytes, what: str) -> None:
     assert ops, f"{what}: no operators listed"
     bad = [(_field(op, "name"), _field(op, "count")) for op in ops if not _field(op, "builtin")]
     assert not bad, f"{what}: non-builtin (custom/Flex) operators {bad}"
+    # a builtin code this LiteRT's schema does not name (or the 127 placeholder left where the
+    # extended builtin_code field is missing) will not load in a stock interpreter either
+    unknown = [_field(op, "name") for op in ops
+               if _field(op, "name").startswith(("BUILTIN_", "PLACEHOLDER_FOR_GREATER_OP_CODES"))]
+    assert not unknown, f"{what}: operator codes unknown to this LiteRT: {unknown}"
 
 
 def artifact(case: Case) -> Artifact:
@@ -569,6 +578,7 @@ def test_unsupported_layer_lstm():
     model = kref.build_model(lambda: seq((5, 3), L.LSTM(4, name="my_lstm"), L.Dense(2)))
     with pytest.raises(UnsupportedLayerError) as excinfo:
         convert_keras_model(model, loss=SCCE, optimizer="sgd", batch_size=4)
+    assert isinstance(excinfo.value, ConversionError)
     msg = str(excinfo.value)
     assert "my_lstm" in msg and "LSTM" in msg
     assert "Dense" in msg and "Conv2D" in msg  # lists the supported layers

@@ -7,8 +7,8 @@ from typing import Any
 import tensorflow as tf
 
 from converters.layers.base import Lowering, check_common_options, require
-from converters.layers.spatial import (crop_spatial, dilate_spatial, pad_spatial, padding_plan,
-                                       window_slice)
+from converters.layers.spatial import (conv_filter_grad, conv_matmul, crop_spatial, dilate_spatial,
+                                       pad_spatial, padding_plan, patch_rows, window_slice)
 
 
 class _WindowedLowering(Lowering):
@@ -27,36 +27,50 @@ class _WindowedLowering(Lowering):
 
 
 class Conv2DLowering(_WindowedLowering):
-    """dx by TRANSPOSE_CONV; the filter gradient as a convolution of transposed operands:
-    the batch becomes the channel axis and dy, dilated by the stride, the filter."""
+    """Convolution as im2col + MATMUL, forward and backward.
+
+    The filter lives in a resource variable, so the builtin CONV_2D and TRANSPOSE_CONV see a
+    non-constant filter: the default XNNPACK delegate refuses them and the builtin kernels
+    run several times slower than Keras. BATCH_MATMUL with two non-constant operands is
+    delegated, so every convolution here is matmuls over im2col blocks (spatial.patch_rows):
+    forward patches @ W, filter gradient patches^T @ dy (patches cached from the forward
+    pass), input gradient patches(dy dilated by the stride, padded for a full correlation)
+    @ W flipped and transposed.
+    """
 
     def __init__(self, layer: Any, weight_indices: list[int]):
         super().__init__(layer, weight_indices)
         require(self, getattr(layer, "groups", 1) == 1, f"groups={layer.groups}")
 
     def forward(self, ctx, weights, inputs):
-        x = inputs[0]
-        y = tf.nn.conv2d(x, weights[0], strides=[1, *self.strides, 1], padding=self.layer.padding.upper())
+        x, kernel = inputs[0], weights[0]
+        (oh, ow), pads = self._plan(x)
+        rows = patch_rows(pad_spatial(x, pads), self.kernel_hw, (oh, ow), self.strides)
+        y = tf.reshape(conv_matmul(rows, kernel), [x.shape[0], oh, ow, kernel.shape[3]])
         if self.layer.use_bias:
             y = y + weights[1]
-        return y, x
+        return y, (x.shape, pads, rows)
 
     def backward(self, cache, weights, dy, need_input_grads):
-        x, kernel = cache, weights[0]
-        kh, kw = self.kernel_hw
-        _, pads = self._plan(x)
-        xp = pad_spatial(x, pads)
-        x_t = tf.transpose(xp, [3, 1, 2, 0])           # [Cin, Hp, Wp, B]
-        dy_t = tf.transpose(dy, [1, 2, 0, 3])          # [Ho, Wo, B, Cout]
-        grad = tf.nn.conv2d(x_t, dy_t, strides=1, padding="VALID", dilations=list(self.strides))
-        grad = tf.transpose(grad[:, :kh, :kw, :], [1, 2, 0, 3])  # [kh, kw, Cin, Cout]
-        grads = [grad]
+        x_shape, pads, rows = cache
+        kernel = weights[0]
+        kh, kw, cin, cout = kernel.shape
+        b, oh, ow, _ = dy.shape
+        dy2 = tf.reshape(dy, [b * oh * ow, cout])
+        grads = [conv_filter_grad(rows, dy2, kernel.shape)]
         if self.layer.use_bias:
-            grads.append(tf.reduce_sum(dy, axis=[0, 1, 2]))
+            grads.append(tf.reduce_sum(dy2, axis=0))
         dx = None
         if need_input_grads:
-            dx = tf.nn.conv2d_transpose(dy, kernel, output_shape=x.shape,
-                                        strides=[1, *self.strides, 1], padding=self.layer.padding.upper())
+            h, w = x_shape[1], x_shape[2]
+            g = dilate_spatial(dy, self.strides)
+            # dx[h] = sum_i g[h + top - (kh-1) + i] * W[kh-1-i]: pad g so output row h reads
+            # rows h..h+kh-1, then a VALID correlation with the flipped kernel.
+            top, left = kh - 1 - pads[0][0], kw - 1 - pads[1][0]
+            g = tf.pad(g, [[0, 0], [top, h + kh - 1 - top - g.shape[1]],
+                           [left, w + kw - 1 - left - g.shape[2]], [0, 0]])
+            flipped = tf.transpose(tf.reverse(kernel, axis=[0, 1]), [0, 1, 3, 2])   # [kh, kw, Cout, Cin]
+            dx = tf.reshape(conv_matmul(patch_rows(g, (kh, kw), (h, w), (1, 1)), flipped), x_shape)
         return [dx], grads
 
 

@@ -68,3 +68,45 @@ def crop_spatial(x: tf.Tensor, pads, hw: tuple[int, int]) -> tf.Tensor:
     """Remove the padding that pad_spatial added."""
     (top, _), (left, _) = pads
     return x[:, top: top + hw[0], left: left + hw[1], :]
+
+
+def patch_rows(xp: tf.Tensor, kernel_hw: tuple[int, int], out_hw: tuple[int, int],
+               strides: tuple[int, int]) -> list[tf.Tensor]:
+    """im2col of an already padded NHWC tensor, one block per kernel row.
+
+    [B,Hp,Wp,C] -> kh tensors [B*Ho*Wo, kw*C]; block `row` holds, for every output position,
+    the kw*C inputs under kernel row `row`, ordered (col, channel) as kernel[row] reshaped to
+    [kw*C, Cout]. A convolution is then kh matmuls; the default XNNPACK delegate runs those
+    (BATCH_MATMUL with a non-constant filter), and the full [B*Ho*Wo, kh*kw*C] matrix never
+    has to be concatenated.
+    """
+    (kh, kw), (oh, ow), (sh, sw) = kernel_hw, out_hw, strides
+    b, _, _, c = xp.shape
+    cols = [xp[:, :, col: col + (ow - 1) * sw + 1: sw, :] for col in range(kw)]
+    xp = cols[0] if kw == 1 else tf.concat(cols, axis=-1)                     # [B, Hp, Wo, kw*C]
+    return [tf.reshape(xp[:, row: row + (oh - 1) * sh + 1: sh], [b * oh * ow, kw * c]) for row in range(kh)]
+
+
+def conv_matmul(rows: list[tf.Tensor], kernel: tf.Tensor) -> tf.Tensor:
+    """sum over kernel rows of rows[row] @ kernel[row]: [M, kw*Cin] x [kh, kw, Cin, Cout] -> [M, Cout].
+
+    Narrow blocks (a first layer's kw*Cin of a few channels) are joined into one matmul."""
+    kh, kw, cin, cout = kernel.shape
+    if kw * cin < 64 or kh == 1:
+        cols = rows[0] if kh == 1 else tf.concat(rows, axis=-1)
+        return tf.matmul(cols, tf.reshape(kernel, [kh * kw * cin, cout]))
+    total = None
+    for row, block in enumerate(rows):
+        part = tf.matmul(block, tf.reshape(kernel[row], [kw * cin, cout]))
+        total = part if total is None else total + part
+    return total
+
+
+def conv_filter_grad(rows: list[tf.Tensor], dy2: tf.Tensor, kernel_shape) -> tf.Tensor:
+    """The filter gradient rows^T @ dy, [kh, kw, Cin, Cout], from patch_rows' blocks and dy [M, Cout]."""
+    kh, kw, cin, cout = kernel_shape
+    if kw * cin < 64 or kh == 1:
+        cols = rows[0] if kh == 1 else tf.concat(rows, axis=-1)
+        return tf.reshape(tf.matmul(cols, dy2, transpose_a=True), kernel_shape)
+    grads = [tf.matmul(block, dy2, transpose_a=True) for block in rows]        # kh x [kw*Cin, Cout]
+    return tf.reshape(tf.concat(grads, axis=0), kernel_shape)

@@ -1,0 +1,152 @@
+"""LiteRT train step vs Keras `train_on_batch`, and peak memory of a LiteRT-only trainer.
+
+Prints, for each model and batch size, the median step time of both in one process and
+their ratio (LiteRT / Keras; the target is <= 0.7), then the peak RSS of a process that
+trains with LiteRT alone next to one that trains the same model with TensorFlow.
+
+    python bench/train_step.py [--steps 50] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# VmHWM is this process's own peak RSS (ru_maxrss would include the parent's, copied at fork).
+_PEAK_RSS = """
+def _peak_rss_kb():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+"""
+
+_LITERT_TRAINER = """
+import sys, numpy as np
+{peak}
+from device_runtime import TrainableModel
+model = TrainableModel.from_file(sys.argv[1], num_threads=int(sys.argv[3]))
+b, shape = model.batch_size, model.manifest["input"]["shape"]
+rng = np.random.default_rng(0)
+x, y = rng.random((b, *shape), dtype=np.float32), rng.integers(0, 10, b).astype(np.int32)
+for _ in range(int(sys.argv[2])):
+    model.train_batch(x, y)
+print("tensorflow" in sys.modules, _peak_rss_kb())
+"""
+
+_KERAS_TRAINER = """
+import os, sys
+{peak}os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import keras, numpy as np
+model = keras.models.load_model(sys.argv[1])
+b, shape = int(sys.argv[3]), model.inputs[0].shape[1:]
+rng = np.random.default_rng(0)
+x, y = rng.random((b, *shape), dtype=np.float32), rng.integers(0, 10, b).astype(np.int32)
+for _ in range(int(sys.argv[2])):
+    model.train_on_batch(x, y)
+print("tensorflow" in sys.modules, _peak_rss_kb())
+"""
+
+
+def mcmahan_cnn():
+    """The MNIST CNN of McMahan et al. 2017: 1,663,370 parameters."""
+    import keras
+
+    layers = keras.layers
+    return keras.Sequential([
+        keras.Input((28, 28, 1)),
+        layers.Conv2D(32, 5, padding="same", activation="relu"), layers.MaxPooling2D(2),
+        layers.Conv2D(64, 5, padding="same", activation="relu"), layers.MaxPooling2D(2),
+        layers.Flatten(), layers.Dense(512, activation="relu"), layers.Dense(10, activation="softmax"),
+    ], name="mcmahan_cnn")
+
+
+def small_mlp():
+    """A 784-128-64-10 MLP (109,386 parameters)."""
+    import keras
+
+    layers = keras.layers
+    return keras.Sequential([keras.Input((784,)), layers.Dense(128, activation="relu"),
+                             layers.Dense(64, activation="relu"), layers.Dense(10, activation="softmax")],
+                            name="small_mlp")
+
+
+def median_ms(step, steps: int) -> float:
+    for _ in range(5):
+        step()
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return 1e3 * statistics.median(times)
+
+
+def time_pair(build, batch_size: int, steps: int, threads: int, workdir: Path) -> dict:
+    """Median train-step time of LiteRT and of Keras on the same model, weights and batch."""
+    import keras
+    import numpy as np
+
+    from converters import convert_keras_model
+    from device_runtime import TrainableModel
+
+    keras.utils.set_random_seed(0)
+    model = build()
+    result = convert_keras_model(model, loss="sparse_categorical_crossentropy",
+                                 optimizer=keras.optimizers.SGD(0.01), batch_size=batch_size)
+    artifact = result.save(workdir / f"{model.name}_b{batch_size}.tflite")
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy")
+    model.save(workdir / f"{model.name}.keras")
+    litert = TrainableModel(result.tflite_bytes, num_threads=threads)
+    rng = np.random.default_rng(0)
+    x = rng.random((batch_size, *model.inputs[0].shape[1:]), dtype=np.float32)
+    y = rng.integers(0, 10, batch_size).astype(np.int32)
+    litert_ms = median_ms(lambda: litert.train_batch(x, y), steps)
+    keras_ms = median_ms(lambda: model.train_on_batch(x, y), steps)
+    return {"model": model.name, "params": model.count_params(), "batch": batch_size, "litert_ms": litert_ms,
+            "keras_ms": keras_ms, "ratio": litert_ms / keras_ms, "artifact": str(artifact),
+            "keras_file": str(workdir / f"{model.name}.keras")}
+
+
+def peak_rss_mb(script: str, *args: str) -> tuple[float, bool]:
+    """Peak RSS (MB) of a fresh Python process running `script`, and whether it imported TensorFlow."""
+    run = subprocess.run([sys.executable, "-c", script.format(peak=_PEAK_RSS), *args], capture_output=True, text=True, check=True)
+    imported_tf, kilobytes = run.stdout.split()[-2:]
+    return int(kilobytes) / 1024, imported_tf == "True"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1, help="LiteRT interpreter threads")
+    args = parser.parse_args()
+    import tensorflow as tf
+
+    print(f"# tensorflow {tf.__version__}, {os.cpu_count()} cores; LiteRT threads={args.threads}; "
+          f"median of {args.steps} steps")
+    print(f"{'model':12s} {'params':>10s} {'batch':>5s} {'LiteRT ms':>10s} {'Keras ms':>9s} {'ratio':>6s}")
+    with tempfile.TemporaryDirectory() as directory:
+        rows = [time_pair(build, b, args.steps, args.threads, Path(directory))
+                for build, b in ((mcmahan_cnn, 10), (mcmahan_cnn, 32), (small_mlp, 10), (small_mlp, 32))]
+        for row in rows:
+            print(f"{row['model']:12s} {row['params']:>10,d} {row['batch']:>5d} {row['litert_ms']:>10.2f} "
+                  f"{row['keras_ms']:>9.2f} {row['ratio']:>6.2f}")
+        cnn = rows[0]
+        litert_mb, litert_tf = peak_rss_mb(_LITERT_TRAINER, cnn["artifact"], "100", str(args.threads))
+        keras_mb, _ = peak_rss_mb(_KERAS_TRAINER, cnn["keras_file"], "100", str(cnn["batch"]))
+        print(f"\npeak RSS training the McMahan CNN (batch {cnn['batch']}, 100 steps):")
+        print(f"  LiteRT only (tensorflow imported: {litert_tf}): {litert_mb:.1f} MB")
+        print(f"  TensorFlow/Keras: {keras_mb:.1f} MB  (LiteRT/TF = {litert_mb / keras_mb:.2f})")
+        print(json.dumps({"rows": [{k: v for k, v in r.items() if k not in ("artifact", "keras_file")} for r in rows],
+                          "rss_mb": {"litert": litert_mb, "tensorflow": keras_mb}}))
+
+
+if __name__ == "__main__":
+    main()
