@@ -89,8 +89,9 @@ def median_ms(step, steps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def time_pair(build, batch_size: int, steps: int, threads: int, workdir: Path) -> dict:
-    """Median train-step time of LiteRT and of Keras on the same model, weights and batch."""
+def time_pairs(build, batch_size: int, steps: int, thread_counts: list[int], workdir: Path) -> list[dict]:
+    """Median train-step time of LiteRT (per thread count) and of Keras on the same model, weights
+    and batch, timed alternately in this process."""
     import keras
     import numpy as np
 
@@ -104,15 +105,18 @@ def time_pair(build, batch_size: int, steps: int, threads: int, workdir: Path) -
     artifact = result.save(workdir / f"{model.name}_b{batch_size}.tflite")
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy")
     model.save(workdir / f"{model.name}.keras")
-    litert = TrainableModel(result.tflite_bytes, num_threads=threads)
     rng = np.random.default_rng(0)
     x = rng.random((batch_size, *model.inputs[0].shape[1:]), dtype=np.float32)
     y = rng.integers(0, 10, batch_size).astype(np.int32)
-    litert_ms = median_ms(lambda: litert.train_batch(x, y), steps)
-    keras_ms = median_ms(lambda: model.train_on_batch(x, y), steps)
-    return {"model": model.name, "params": model.count_params(), "batch": batch_size, "litert_ms": litert_ms,
-            "keras_ms": keras_ms, "ratio": litert_ms / keras_ms, "artifact": str(artifact),
-            "keras_file": str(workdir / f"{model.name}.keras")}
+    rows = []
+    for threads in thread_counts:
+        litert = TrainableModel(result.tflite_bytes, num_threads=threads)
+        litert_ms = median_ms(lambda: litert.train_batch(x, y), steps)
+        keras_ms = median_ms(lambda: model.train_on_batch(x, y), steps)
+        rows.append({"model": model.name, "params": model.count_params(), "batch": batch_size, "threads": threads,
+                     "litert_ms": litert_ms, "keras_ms": keras_ms, "ratio": litert_ms / keras_ms,
+                     "artifact": str(artifact), "keras_file": str(workdir / f"{model.name}.keras")})
+    return rows
 
 
 def peak_rss_mb(script: str, *args: str) -> tuple[float, bool]:
@@ -125,24 +129,26 @@ def peak_rss_mb(script: str, *args: str) -> tuple[float, bool]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=1, help="LiteRT interpreter threads")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                        help="LiteRT interpreter threads to measure (Keras uses every core)")
     args = parser.parse_args()
     import tensorflow as tf
 
-    print(f"# tensorflow {tf.__version__}, {os.cpu_count()} cores; LiteRT threads={args.threads}; "
+    print(f"# tensorflow {tf.__version__}, {os.cpu_count()} cores; Keras uses every core; "
           f"median of {args.steps} steps")
-    print(f"{'model':12s} {'params':>10s} {'batch':>5s} {'LiteRT ms':>10s} {'Keras ms':>9s} {'ratio':>6s}")
+    print(f"{'model':12s} {'params':>10s} {'batch':>5s} {'threads':>7s} {'LiteRT ms':>10s} {'Keras ms':>9s} "
+          f"{'ratio':>6s}")
     with tempfile.TemporaryDirectory() as directory:
-        rows = [time_pair(build, b, args.steps, args.threads, Path(directory))
-                for build, b in ((mcmahan_cnn, 10), (mcmahan_cnn, 32), (small_mlp, 10), (small_mlp, 32))]
+        rows = [row for build, b in ((mcmahan_cnn, 10), (mcmahan_cnn, 32), (small_mlp, 10), (small_mlp, 32))
+                for row in time_pairs(build, b, args.steps, args.threads, Path(directory))]
         for row in rows:
-            print(f"{row['model']:12s} {row['params']:>10,d} {row['batch']:>5d} {row['litert_ms']:>10.2f} "
-                  f"{row['keras_ms']:>9.2f} {row['ratio']:>6.2f}")
+            print(f"{row['model']:12s} {row['params']:>10,d} {row['batch']:>5d} {row['threads']:>7d} "
+                  f"{row['litert_ms']:>10.2f} {row['keras_ms']:>9.2f} {row['ratio']:>6.2f}")
         cnn = rows[0]
-        litert_mb, litert_tf = peak_rss_mb(_LITERT_TRAINER, cnn["artifact"], "100", str(args.threads))
+        litert_mb, litert_tf = peak_rss_mb(_LITERT_TRAINER, cnn["artifact"], "100", str(cnn["threads"]))
         keras_mb, _ = peak_rss_mb(_KERAS_TRAINER, cnn["keras_file"], "100", str(cnn["batch"]))
         print(f"\npeak RSS training the McMahan CNN (batch {cnn['batch']}, 100 steps):")
-        print(f"  LiteRT only (tensorflow imported: {litert_tf}): {litert_mb:.1f} MB")
+        print(f"  LiteRT only, {cnn['threads']} thread(s) (tensorflow imported: {litert_tf}): {litert_mb:.1f} MB")
         print(f"  TensorFlow/Keras: {keras_mb:.1f} MB  (LiteRT/TF = {litert_mb / keras_mb:.2f})")
         print(json.dumps({"rows": [{k: v for k, v in r.items() if k not in ("artifact", "keras_file")} for r in rows],
                           "rss_mb": {"litert": litert_mb, "tensorflow": keras_mb}}))
