@@ -4,6 +4,9 @@ import threading
 import uuid
 
 import paho.mqtt.client as mqtt
+import pytest
+
+pytestmark = pytest.mark.device
 
 
 def _start(client: mqtt.Client, host: str, port: int) -> mqtt.Client:

@@ -5,6 +5,8 @@ import pytest
 
 from device_runtime.model import iterate_batches
 
+pytestmark = pytest.mark.device
+
 
 def _data(count: int) -> tuple[np.ndarray, np.ndarray]:
     """Examples whose features encode their index (rows start at 1 so padding zeros stand out)."""

@@ -1,0 +1,1 @@
+"""Python classes that flatc generates from ../update.fbs (docs/protocol.md: regenerate)."""
