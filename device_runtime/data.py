@@ -75,7 +75,7 @@ class LocalData:
 
 
 def load_local_data(source: Any, manifest: Mapping[str, Any] | None = None) -> LocalData:
-    """Wrap `source` as LocalData: an (x, y) pair of arrays, an .npz path, a folder of .npz files or an iterable of (x, y) batches.
+    """Wrap (x, y) arrays, an .npz path, a folder of .npz files or an iterable of (x, y) batches as LocalData.
 
     With `manifest`, shapes and dtypes are checked against its "input" and "label" entries now
     (a stream's batches as they arrive); labels shaped (N, 1) where the manifest says () are squeezed.
@@ -129,7 +129,7 @@ def _checked_pair(x: Any, y: Any, specs: Specs | None, what: str, min_rows: int 
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"{what}: x and y must hold the same number of examples, got {x.shape[0]} and {y.shape[0]}")
     if x.shape[0] < min_rows:
-        raise ValueError(f"{what}: the data holds no examples")
+        raise ValueError(f"{what}: holds no examples")
     if specs is not None:
         input_spec, label_spec = specs
         if y.ndim == len(label_spec["shape"]) + 2 and y.shape[-1] == 1:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,9 +54,8 @@ def train_locally(model: TrainableModel, data: Any, *, epochs: int = 1, shuffle_
     if epochs > 1 and not local.reiterable:
         raise ValueError(f"epochs={epochs} needs data that can be iterated again; a one-shot iterator "
                          "(e.g. a generator) supports one epoch: pass a list or a re-iterable object")
-    if shuffle_seed is not None and local.x is None:
-        raise ValueError("shuffle_seed needs in-memory data (arrays or .npz); shuffle an iterable of "
-                         "batches at its source")
+    seeds = [None if shuffle_seed is None else shuffle_seed + e for e in range(epochs)]
+    first_epoch = local.batches(model.batch_size, seeds[0])  # usage errors raise before the model changes
     if initial_weights is not None:
         model.set_weights(initial_weights)
     if learning_rate is not None:
@@ -64,8 +64,7 @@ def train_locally(model: TrainableModel, data: Any, *, epochs: int = 1, shuffle_
         model.reset_optimizer()
     model.reset_metrics()
     before = model.get_weights()
-    epoch_batches = (local.batches(model.batch_size, None if shuffle_seed is None else shuffle_seed + e)
-                     for e in range(epochs))
+    epoch_batches = itertools.chain([first_epoch], (local.batches(model.batch_size, seed) for seed in seeds[1:]))
     start = time.monotonic()
     try:
         steps, num_examples, stopped_early = _run_steps(model, "train", epoch_batches, max_steps, max_seconds, start)
@@ -73,7 +72,7 @@ def train_locally(model: TrainableModel, data: Any, *, epochs: int = 1, shuffle_
         model.set_weights(before)
         raise
     seconds = time.monotonic() - start
-    delta = [(after - old).astype(np.float32) for after, old in zip(model.get_weights(), before)]
+    delta = [np.subtract(after, old, dtype=np.float32) for after, old in zip(model.get_weights(), before)]
     return LocalResult(delta, num_examples, model.report_metrics(), steps, seconds, stopped_early)
 
 
@@ -85,7 +84,7 @@ def evaluate_locally(model: TrainableModel, data: Any) -> dict[str, float]:
     return model.report_metrics()
 
 
-def _run_steps(model: TrainableModel, signature: str, epoch_batches: Iterator[Iterator[Batch]] | list[Iterator[Batch]],
+def _run_steps(model: TrainableModel, signature: str, epoch_batches: Iterable[Iterable[Batch]],
                max_steps: int | None, max_seconds: float | None, start: float) -> tuple[int, int, bool]:
     """Run `signature` on every batch until a budget runs out; returns (steps, examples, stopped early)."""
     steps = examples = 0
@@ -97,7 +96,7 @@ def _run_steps(model: TrainableModel, signature: str, epoch_batches: Iterator[It
             # Batches were checked against the manifest once (data.py); skip TrainableModel's per-batch checks.
             model._run(signature, x=x, y=y, mask=mask)
             steps += 1
-            examples += int(mask.sum()) if mask[-1] == 0 else mask.shape[0]
+            examples += mask.shape[0] if mask[-1] else int(mask.sum())  # real rows come first
     return steps, examples, False
 
 

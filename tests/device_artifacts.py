@@ -26,7 +26,7 @@ def _cnn(keras: Any) -> dict[str, Any]:
     """Conv2D on 6x6x1 -> flatten -> 3 softmax, SGD with momentum (an optimizer with state), batch 4."""
     model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(4, 3, activation="relu"),
                               keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")], name="cnn")
-    return {"model": model, "optimizer": keras.optimizers.SGD(learning_rate=0.05, momentum=0.9)}
+    return {"model": model, "optimizer": keras.optimizers.SGD(learning_rate=0.02, momentum=0.9)}
 
 
 ARTIFACTS: dict[str, Callable[[Any], dict[str, Any]]] = {"mlp": _mlp, "cnn": _cnn}

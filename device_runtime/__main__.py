@@ -1,0 +1,7 @@
+"""`python -m device_runtime`: the fedge-device command."""
+
+import sys
+
+from device_runtime.cli import main
+
+sys.exit(main())

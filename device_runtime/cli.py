@@ -1,0 +1,92 @@
+"""`fedge-device` (also `python -m device_runtime`): run one device of a fleet until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from device_runtime.model_cache import default_cache_dir
+
+PASSWORD_ENV = "FEDGE_MQTT_PASSWORD"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+logger = logging.getLogger("device_runtime.cli")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of the device agent."""
+    parser = argparse.ArgumentParser(
+        prog="fedge-device",
+        description="Run a fedge device: receive round tasks over MQTT, train on local data, publish updates.")
+    parser.add_argument("--broker", required=True, metavar="URL",
+                        help="mqtt://host[:port] (default port 1883) or mqtts://host[:port] for TLS (8883)")
+    parser.add_argument("--fleet", required=True, help="fleet id: topics live under fedge/<fleet>/")
+    parser.add_argument("--device-id", required=True, help="this device's id (unique in the fleet)")
+    parser.add_argument("--data", required=True, metavar="PATH",
+                        help="local examples: an .npz file with arrays x and y, or a folder of them")
+    parser.add_argument("--username", help="MQTT user name")
+    parser.add_argument("--password", help=f"MQTT password (prefer the {PASSWORD_ENV} environment variable)")
+    parser.add_argument("--tls-ca", metavar="PEM", help="CA bundle to verify the broker (default: system CAs)")
+    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS")
+    parser.add_argument("--tls-key", metavar="PEM", help="client private key for mutual TLS")
+    parser.add_argument("--cache-dir", default=str(default_cache_dir()),
+                        help="where downloaded models are cached (default: %(default)s)")
+    parser.add_argument("--num-threads", type=_positive_int, metavar="N",
+                        help="TFLite interpreter threads (default: every available core)")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                        help="logging verbosity (default: %(default)s)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the agent until SIGTERM/SIGINT; 0 after a clean stop, 2 for bad arguments or data."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    password = args.password if args.password is not None else os.environ.get(PASSWORD_ENV)
+    if password is not None and args.username is None:
+        parser.error(f"a password (--password or {PASSWORD_ENV}) needs --username")
+
+    from device_runtime.agent import DeviceAgent  # after parsing: --help stays fast
+
+    try:
+        agent = DeviceAgent(args.broker, args.fleet, args.device_id, args.data, cache_dir=args.cache_dir,
+                            username=args.username, password=password, tls_ca=args.tls_ca,
+                            tls_cert=args.tls_cert, tls_key=args.tls_key, num_threads=args.num_threads)
+    except (ValueError, TypeError, OSError) as error:
+        parser.exit(2, f"fedge-device: error: {error}\n")
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        logger.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    agent.start()
+    logger.info("device %s of fleet %s running; SIGTERM or Ctrl-C stops it", args.device_id, args.fleet)
+    while not stop.wait(0.5):
+        pass
+    agent.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""The fedge wire protocol: MQTT topics, JSON tasks and statuses, FlatBuffers model updates.
+
+Importable with the device's dependencies alone (stdlib, numpy, flatbuffers), because the
+device and the server both use it. docs/protocol.md specifies every byte.
+"""
+
+from device_runtime.protocol.codec import (
+    ENCODINGS,
+    MAX_STRING_BYTES,
+    STATES,
+    ModelUpdate,
+    Task,
+    decode_status,
+    decode_task,
+    decode_update,
+    encode_status,
+    encode_task,
+    encode_update,
+    is_selected,
+    max_update_bytes,
+)
+from device_runtime.protocol.errors import PROTOCOL_VERSION, ProtocolError
+from device_runtime.protocol.topics import (
+    check_id,
+    model_topic,
+    status_topic,
+    status_wildcard,
+    task_topic,
+    topic_device_id,
+    update_topic,
+    update_wildcard,
+)
+
+__all__ = [
+    "ENCODINGS",
+    "MAX_STRING_BYTES",
+    "PROTOCOL_VERSION",
+    "STATES",
+    "ModelUpdate",
+    "ProtocolError",
+    "Task",
+    "check_id",
+    "decode_status",
+    "decode_task",
+    "decode_update",
+    "encode_status",
+    "encode_task",
+    "encode_update",
+    "is_selected",
+    "max_update_bytes",
+    "model_topic",
+    "status_topic",
+    "status_wildcard",
+    "task_topic",
+    "topic_device_id",
+    "update_topic",
+    "update_wildcard",
+]

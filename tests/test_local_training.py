@@ -1,0 +1,277 @@
+"""Local training on a device (device_runtime.data, device_runtime.training) with real converted artifacts.
+
+Imports no TensorFlow: the artifacts come from tests/device_artifacts.py (prebuilt in
+FEDGE_TEST_ARTIFACTS, or converted on the spot where TensorFlow is installed).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device_runtime.data import load_local_data
+from device_runtime.model import TrainableModel, iterate_batches
+from device_runtime.training import evaluate_locally, train_locally
+
+try:  # tests/ may or may not be a package
+    from .device_artifacts import artifact_path  # type: ignore[no-redef]
+except ImportError:
+    from device_artifacts import artifact_path  # type: ignore[no-redef]
+
+pytestmark = pytest.mark.device
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Paths of the 'mlp' and 'cnn' artifacts, converted at most once per module."""
+    directory = tmp_path_factory.mktemp("device_artifacts")
+    return {name: artifact_path(name, directory) for name in ("mlp", "cnn")}
+
+
+@pytest.fixture
+def mlp(artifacts: dict[str, Path]) -> TrainableModel:
+    return TrainableModel.from_file(artifacts["mlp"], num_threads=1)
+
+
+@pytest.fixture
+def cnn(artifacts: dict[str, Path]) -> TrainableModel:
+    return TrainableModel.from_file(artifacts["cnn"], num_threads=1)
+
+
+def learnable(count: int, seed: int = 0, shape: tuple[int, ...] = (8,)) -> tuple[np.ndarray, np.ndarray]:
+    """Examples whose class is the argmax of their first three features."""
+    x = np.random.default_rng(seed).standard_normal((count, *shape)).astype(np.float32)
+    return x, np.argmax(x.reshape(count, -1)[:, :3], axis=1).astype(np.int32)
+
+
+def assert_same_weights(a: list[np.ndarray], b: list[np.ndarray]) -> None:
+    assert len(a) == len(b)
+    for left, right in zip(a, b):
+        np.testing.assert_array_equal(left, right)
+
+
+def assert_zero(delta: list[np.ndarray]) -> None:
+    assert all(not np.any(d) for d in delta)
+
+
+def test_every_source_kind_gives_the_same_result(mlp: TrainableModel, tmp_path: Path) -> None:
+    x, y = learnable(10)
+    np.savez(tmp_path / "all.npz", x=x, y=y)
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    # written out of order: the folder is read in sorted file-name order
+    for name, part in [("p2.npz", slice(7, 10)), ("p0.npz", slice(0, 3)), ("p1.npz", slice(3, 7))]:
+        np.savez(folder / name, x=x[part], y=y[part])
+
+    class Reiterable:
+        def __iter__(self):
+            return iter([(x[:6], y[:6]), (x[6:], y[6:])])
+
+    sources = {
+        "arrays": (x, y),
+        "list of arrays": [x, y],
+        "npz": tmp_path / "all.npz",
+        "npz as str": str(tmp_path / "all.npz"),
+        "folder": folder,
+        "list of batches": [(x[:3], y[:3]), (x[3:8], y[3:8]), (x[8:], y[8:])],
+        "generator": ((x[i : i + 1], y[i : i + 1]) for i in range(10)),
+        "reiterable": Reiterable(),
+        "LocalData": load_local_data((x, y)),
+    }
+    initial = mlp.get_weights()
+    results = {name: train_locally(mlp, source, initial_weights=initial) for name, source in sources.items()}
+    reference = results["arrays"]
+    assert reference.steps == 3 and reference.num_examples == 10 and not reference.stopped_early
+    for name, result in results.items():
+        assert_same_weights(result.delta, reference.delta)
+        assert result.metrics == reference.metrics, name
+        assert (result.num_examples, result.steps) == (10, 3), name
+    # several epochs over re-iterable sources
+    two = {name: train_locally(mlp, sources[name], epochs=2, initial_weights=initial)
+           for name in ("arrays", "folder", "list of batches", "reiterable")}
+    for result in two.values():
+        assert_same_weights(result.delta, two["arrays"].delta)
+        assert result.num_examples == 20
+
+
+def test_delta_is_weights_after_minus_before(mlp: TrainableModel) -> None:
+    before = mlp.get_weights()
+    result = train_locally(mlp, learnable(10), epochs=2)
+    after = mlp.get_weights()
+    assert [d.dtype for d in result.delta] == [np.float32] * len(before)
+    assert [d.shape for d in result.delta] == [tuple(s["shape"]) for s in mlp.weight_specs]
+    assert_same_weights(result.delta, [a - b for a, b in zip(after, before)])
+    assert any(np.any(d) for d in result.delta)
+
+
+def test_matches_manual_steps_with_shuffle_seed_plus_epoch(mlp: TrainableModel) -> None:
+    x, y = learnable(10)
+    initial = mlp.get_weights()
+    result = train_locally(mlp, (x, y), epochs=2, shuffle_seed=5)
+    mlp.set_weights(initial)
+    for seed in (5, 6):
+        for batch in iterate_batches(x, y, mlp.batch_size, shuffle_seed=seed):
+            mlp.train_step(*batch)
+    assert_same_weights(result.delta, [a - b for a, b in zip(mlp.get_weights(), initial)])
+
+
+def test_num_examples_and_metrics_count_each_epoch_once(mlp: TrainableModel) -> None:
+    train_locally(mlp, learnable(7))  # metrics of an earlier run are not carried over
+    result = train_locally(mlp, learnable(10), epochs=2)
+    assert result.num_examples == 20 and result.steps == 6
+    assert result.metrics["num_examples"] == 20 and result.metrics["num_batches"] == 6
+    assert set(result.metrics) == {"loss_sum", "num_examples", "num_batches", "correct"}
+    assert 0 <= result.metrics["correct"] <= 20 and result.metrics["loss_sum"] > 0
+    assert result.seconds >= 0
+
+
+def test_shuffle_is_deterministic(mlp: TrainableModel) -> None:
+    data = learnable(16)
+    initial = mlp.get_weights()
+
+    def delta(seed):
+        return train_locally(mlp, data, epochs=2, shuffle_seed=seed, initial_weights=initial).delta
+
+    assert_same_weights(delta(1), delta(1))
+    assert not np.array_equal(delta(1)[0], delta(2)[0])
+    assert not np.array_equal(delta(1)[0], delta(None)[0])
+
+
+def test_max_steps_stops_exactly(mlp: TrainableModel) -> None:
+    data = learnable(10)  # 3 steps per epoch
+    initial = mlp.get_weights()
+    cut = train_locally(mlp, data, epochs=2, max_steps=4, initial_weights=initial)
+    assert (cut.steps, cut.num_examples, cut.stopped_early) == (4, 14, True)  # 4 + 4 + 2, then 4
+    assert cut.metrics["num_batches"] == 4
+    exact = train_locally(mlp, data, epochs=2, max_steps=6, initial_weights=initial)
+    assert (exact.steps, exact.num_examples, exact.stopped_early) == (6, 20, False)
+    none = train_locally(mlp, data, max_steps=0, initial_weights=initial)
+    assert (none.steps, none.num_examples, none.stopped_early) == (0, 0, True)
+    assert_zero(none.delta)
+
+
+def test_max_seconds_stops_early(mlp: TrainableModel) -> None:
+    result = train_locally(mlp, learnable(40), epochs=3, max_seconds=0.0)
+    assert result.stopped_early and result.steps <= 1
+    assert result.num_examples == 4 * result.steps
+    generous = train_locally(mlp, learnable(40), max_seconds=60.0)
+    assert not generous.stopped_early and generous.steps == 10
+
+
+def test_learning_rate_override(mlp: TrainableModel) -> None:
+    initial = mlp.get_weights()
+    frozen = train_locally(mlp, learnable(10), epochs=2, learning_rate=0.0)
+    assert_zero(frozen.delta)
+    assert_same_weights(mlp.get_weights(), initial)
+    assert frozen.metrics["num_examples"] == 20
+    assert any(np.any(d) for d in train_locally(mlp, learnable(10), learning_rate=0.1).delta)
+
+
+def test_reset_optimizer(cnn: TrainableModel) -> None:
+    data = learnable(12, shape=(6, 6, 1))
+    initial = cnn.get_weights()
+    first = train_locally(cnn, data, initial_weights=initial)
+    fresh = train_locally(cnn, data, initial_weights=initial)  # momentum zeroed again
+    assert_same_weights(fresh.delta, first.delta)
+    carried = train_locally(cnn, data, initial_weights=initial, reset_optimizer=False)
+    assert not np.array_equal(carried.delta[0], first.delta[0])
+
+
+def test_labels_shaped_n_by_1_are_squeezed(mlp: TrainableModel) -> None:
+    x, y = learnable(10)
+    initial = mlp.get_weights()
+    flat = train_locally(mlp, (x, y), initial_weights=initial)
+    column = train_locally(mlp, (x, y[:, None]), initial_weights=initial)
+    streamed = train_locally(mlp, [(x, y[:, None].astype(np.int64))], initial_weights=initial)
+    assert_same_weights(column.delta, flat.delta)
+    assert_same_weights(streamed.delta, flat.delta)
+
+
+def test_evaluate_locally(mlp: TrainableModel) -> None:
+    x, y = learnable(10)
+    before = mlp.get_weights()
+    metrics = evaluate_locally(mlp, (x, y))
+    assert_same_weights(mlp.get_weights(), before)
+    assert metrics["num_examples"] == 10 and metrics["num_batches"] == 3
+    mlp.reset_metrics()
+    for xb, yb in [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])]:
+        mlp.evaluate_batch(xb, yb)
+    assert metrics == pytest.approx(mlp.report_metrics(), rel=1e-6)
+    assert evaluate_locally(mlp, [(x[:5], y[:5]), (x[5:], y[5:])]) == pytest.approx(metrics, rel=1e-6)
+
+
+def _bad_sources(tmp_path: Path) -> dict[str, tuple[object, str]]:
+    """Bad data and a fragment of the expected error message."""
+    x, y = learnable(10)
+    np.savez(tmp_path / "no_y.npz", x=x)
+    (tmp_path / "empty_folder").mkdir()
+    return {
+        "x shape": ((x[:, :7], y), r"expected shape \(N, 8\).*got \(10, 7\)"),
+        "y shape": ((x, np.zeros((10, 3), np.int32)), r"expected shape \(N\).*got \(10, 3\)"),
+        "x dtype": ((x.astype(np.complex64), y), "expected dtype float32, got complex64"),
+        "y dtype": ((x, y + 0.5), "expected dtype int32, got float64"),
+        "lengths": ((x, y[:9]), "same number of examples, got 10 and 9"),
+        "empty": ((x[:0], y[:0]), "no examples"),
+        "missing file": (tmp_path / "nothing.npz", "no such data file"),
+        "npz without y": (tmp_path / "no_y.npz", r"needs arrays 'x' and 'y'; missing \['y'\]"),
+        "empty folder": (tmp_path / "empty_folder", "no .npz files"),
+        "empty stream": ([], "no examples"),
+        "bad first batch": ([(x[:, :7], y)], r"batch 0: x: expected shape"),
+        "not pairs": ([x], "must be an \\(x, y\\) pair"),
+    }
+
+
+@pytest.mark.parametrize("case", ["x shape", "y shape", "x dtype", "y dtype", "lengths", "empty", "missing file",
+                                  "npz without y", "empty folder", "empty stream", "bad first batch", "not pairs"])
+def test_bad_data_raises_before_training(mlp: TrainableModel, tmp_path: Path, case: str) -> None:
+    source, message = _bad_sources(tmp_path)[case]
+    before = mlp.get_weights()
+    with pytest.raises(ValueError, match=message):
+        train_locally(mlp, source)
+    assert_same_weights(mlp.get_weights(), before)
+    assert mlp.report_metrics()["num_batches"] == 0
+
+
+def test_bad_later_batch_of_a_stream_restores_the_weights(mlp: TrainableModel) -> None:
+    x, y = learnable(10)
+    before = mlp.get_weights()
+    with pytest.raises(ValueError, match=r"batch 2: y: expected shape"):
+        train_locally(mlp, [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:, None, None])])
+    assert_same_weights(mlp.get_weights(), before)
+
+
+def test_usage_errors(mlp: TrainableModel) -> None:
+    x, y = learnable(8)
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        train_locally(mlp, ((x[i : i + 2], y[i : i + 2]) for i in range(0, 8, 2)), epochs=2)
+    before = mlp.get_weights()
+    with pytest.raises(ValueError, match="shuffle_seed needs in-memory data"):
+        train_locally(mlp, [(x, y)], shuffle_seed=1, initial_weights=[w + 1 for w in before])
+    assert_same_weights(mlp.get_weights(), before)
+    for bad in [{"epochs": 0}, {"max_steps": -1}, {"max_seconds": float("nan")}, {"epochs": 1.5}]:
+        with pytest.raises(ValueError):
+            train_locally(mlp, (x, y), **bad)
+    with pytest.raises(TypeError, match="unsupported data source"):
+        train_locally(mlp, 42)
+
+
+@pytest.mark.parametrize("name, shape", [("mlp", (8,)), ("cnn", (6, 6, 1))])
+def test_loss_decreases_over_five_epochs(artifacts: dict[str, Path], name: str, shape: tuple[int, ...]) -> None:
+    model = TrainableModel.from_file(artifacts[name], num_threads=1)
+    train, held_out = learnable(128, seed=1, shape=shape), learnable(32, seed=2, shape=shape)
+    start = model.finalized_metrics(evaluate_locally(model, held_out))
+    results = [train_locally(model, train, shuffle_seed=epoch) for epoch in range(5)]
+    end = model.finalized_metrics(evaluate_locally(model, held_out))
+    losses = [model.finalized_metrics(r.metrics)["loss"] for r in results]
+    assert losses[-1] < 0.8 * losses[0]
+    assert end["loss"] < 0.8 * start["loss"] and end["accuracy"] > start["accuracy"]
+
+
+def test_imports_without_tensorflow() -> None:
+    code = ("import sys; sys.modules['tensorflow'] = None; sys.modules['keras'] = None; "
+            "import device_runtime.training, device_runtime.data")
+    subprocess.run([sys.executable, "-c", code], check=True)
