@@ -22,11 +22,14 @@ from device_runtime.protocol import (
     ProtocolError,
     Task,
     decode_task,
+    decode_weights,
     encode_status,
     encode_update,
     is_selected,
+    payload_hash,
 )
-from device_runtime.protocol.topics import hash_hex, model_topic, status_topic, task_topic, update_topic
+from device_runtime.protocol.topics import (hash_hex, model_topic, status_topic, task_topic, update_topic,
+                                            weights_topic)
 from device_runtime.training import train_locally
 
 logger = logging.getLogger(__name__)
@@ -41,11 +44,12 @@ def device_shuffle_seed(task_seed: int, device_id: str) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-class _ModelFetch:
-    """A pending download of one model artifact from its retained topic."""
+class _RetainedFetch:
+    """A pending download from a retained topic; `accept` says whether a payload is the one awaited."""
 
-    def __init__(self, topic: str) -> None:
+    def __init__(self, topic: str, accept: Callable[[bytes], bool]) -> None:
         self.topic = topic
+        self.accept = accept
         self.payload: bytes | None = None
         self.arrived = threading.Event()
 
@@ -96,7 +100,7 @@ class DeviceAgent:
         self._lock = threading.Lock()
         self._status: tuple[str, int | None] = ("online", None)
         self._started_rounds: set[int] = set()
-        self._fetches: dict[str, _ModelFetch] = {}
+        self._fetches: dict[str, _RetainedFetch] = {}
         self._stop = threading.Event()
         self._task_subscription: int | None = None
         self._subscribed = threading.Event()
@@ -160,7 +164,7 @@ class DeviceAgent:
             self._subscribed.set()
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        """Route a message: tasks to the worker's queue, model artifacts to the pending fetch."""
+        """Route a message: tasks to the worker's queue, models and weights to the pending fetch."""
         if topic == self._task_topic:
             self._receive_task(payload)
             return
@@ -170,6 +174,8 @@ class DeviceAgent:
             logger.debug("ignoring a message on %s (nothing is waiting for it)", topic)
         elif not payload:
             logger.debug("ignoring an empty retained message on %s", topic)
+        elif not fetch.accept(payload):
+            logger.debug("ignoring a message on %s that is not the one awaited", topic)
         else:
             fetch.payload = payload
             fetch.arrived.set()
@@ -261,8 +267,12 @@ class DeviceAgent:
             if task.round in self._started_rounds:
                 return
             self._started_rounds.add(task.round)
-        self._set_state("training", task.round)
         model = TrainableModel(model_bytes, num_threads=self._num_threads, verify=False)  # verified on fetch
+        initial_weights = self._global_weights(task, model)
+        if task.weights_hash is not None and initial_weights is None:
+            self._count("rounds_failed")
+            return
+        self._set_state("training", task.round)
         time_left = task.deadline - self._clock()
         max_seconds = time_left if task.max_seconds is None else min(task.max_seconds, time_left)
         logger.info("round %d: training (epochs %d, max_steps %s, max_seconds %.1f)",
@@ -270,7 +280,7 @@ class DeviceAgent:
         result = train_locally(model, self._data, epochs=task.epochs,
                                shuffle_seed=device_shuffle_seed(task.seed, self.device_id),
                                max_steps=task.max_steps, max_seconds=max(0.0, max_seconds),
-                               learning_rate=task.learning_rate)
+                               learning_rate=task.learning_rate, initial_weights=initial_weights)
         self._count("rounds_trained")
         logger.info("round %d: trained %d steps on %d examples in %.2f s%s", task.round, result.steps,
                     result.num_examples, result.seconds, " (budget cut it short)" if result.stopped_early else "")
@@ -294,7 +304,7 @@ class DeviceAgent:
             self._count("models_from_cache")
             logger.info("round %d: model %s from the cache", task.round, task.model_hash)
             return cached
-        payload = self._download(task)
+        payload = self._download(task, model_topic(self.fleet, task.model_hash), "model", lambda payload: True)
         if payload is None:
             return None
         try:
@@ -311,28 +321,45 @@ class DeviceAgent:
         logger.info("round %d: model %s downloaded (%d bytes) and cached", task.round, task.model_hash, len(payload))
         return payload
 
-    def _download(self, task: Task) -> bytes | None:
-        """Subscribe to the model's retained topic and wait for the artifact (until the deadline or a timeout)."""
-        key = hash_hex(task.model_hash)
-        fetch = _ModelFetch(model_topic(self.fleet, task.model_hash))
+    def _global_weights(self, task: Task, model: TrainableModel) -> list | None:
+        """The round's global weights named by the task (None when it names none, or when they are refused)."""
+        if task.weights_hash is None:
+            return None
+        expected = task.weights_hash
+        payload = self._download(task, weights_topic(self.fleet), "global weights",
+                                 lambda payload: payload_hash(payload) == expected)
+        if payload is None:
+            return None
+        try:
+            weights = decode_weights(payload, model.manifest, fleet=self.fleet)
+        except ProtocolError as error:
+            logger.error("round %d: refusing the global weights: %s", task.round, error)
+            return None
+        logger.info("round %d: global weights of round %d received (%d bytes)", task.round, weights.round,
+                    len(payload))
+        return weights.tensors
+
+    def _download(self, task: Task, topic: str, what: str, accept: Callable[[bytes], bool]) -> bytes | None:
+        """Subscribe to a retained topic and wait for the payload `accept` takes (until the deadline or a timeout)."""
+        fetch = _RetainedFetch(topic, accept)
         with self._lock:
-            self._fetches[key] = fetch
+            self._fetches[topic] = fetch
         self._connection.subscribe([fetch.topic], qos=1)
         try:
             wait = max(0.0, min(self._model_fetch_timeout, task.deadline - self._clock()))
             end = time.monotonic() + wait
             while not fetch.arrived.wait(min(0.1, max(0.0, end - time.monotonic()))):
                 if self._stop.is_set():
-                    logger.info("round %d: stopping, so the model download is abandoned", task.round)
+                    logger.info("round %d: stopping, so the %s download is abandoned", task.round, what)
                     return None
                 if time.monotonic() >= end:
-                    logger.error("round %d: model %s did not arrive on %s within %.0f s", task.round,
-                                 task.model_hash, fetch.topic, wait)
+                    logger.error("round %d: the %s did not arrive on %s within %.0f s", task.round, what,
+                                 fetch.topic, wait)
                     return None
             return fetch.payload
         finally:
             with self._lock:
-                self._fetches.pop(key, None)
+                self._fetches.pop(topic, None)
             self._connection.unsubscribe(fetch.topic)
 
     def _set_state(self, state: str, round_id: int | None = None) -> None:

@@ -29,8 +29,8 @@ from device_runtime.artifact import read_manifest
 from device_runtime.cli import main as cli_main
 from device_runtime.model import TrainableModel
 from device_runtime.model_cache import ModelCache
-from device_runtime.protocol import Task, decode_status, decode_update, encode_task
-from device_runtime.protocol.topics import model_topic, task_topic, update_wildcard
+from device_runtime.protocol import Task, decode_status, decode_update, encode_task, encode_weights, payload_hash
+from device_runtime.protocol.topics import model_topic, task_topic, update_wildcard, weights_topic
 from device_runtime.training import train_locally
 
 pytestmark = pytest.mark.device
@@ -504,3 +504,39 @@ def test_tls_with_password(tls_broker, fleet, local_data, model_bytes, model_has
         for agent in agents:
             agent.stop(timeout=TIMEOUT_S)
         server.close()
+
+
+def test_round_starts_from_the_published_global_weights(server, make_agent, model_bytes, model_hash, local_data):
+    manifest = read_manifest(model_bytes)
+    rng = np.random.default_rng(3)
+    weights = [rng.normal(size=w["shape"]).astype(np.float32) for w in manifest["weights"]]
+    payload = encode_weights(server.fleet, 5, model_hash, weights, manifest["metrics"]["variables"])
+    server.publish_model(model_bytes)
+    server.publish(weights_topic(server.fleet), payload)
+    make_agent("dev-w")
+    task = server.publish_task(model_hash, 5, weights_hash=payload_hash(payload))
+
+    _, update_payload = server.next_update()
+    update = decode_update(update_payload, manifest, device_id="dev-w")
+    expected = train_locally(TrainableModel(model_bytes, num_threads=1), local_data, epochs=task.epochs,
+                             shuffle_seed=device_shuffle_seed(task.seed, "dev-w"),
+                             learning_rate=task.learning_rate, initial_weights=weights)
+    from_artifact, _ = reference_delta(model_bytes, local_data, task, "dev-w")
+    for got, want in zip(update.tensors, expected.delta, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert any(not np.array_equal(a, b) for a, b in zip(expected.delta, from_artifact)), \
+        "starting from other weights must give another delta"
+
+
+def test_round_without_its_global_weights_fails_and_publishes_nothing(server, make_agent, model_bytes, model_hash,
+                                                                      caplog):
+    manifest = read_manifest(model_bytes)
+    stale = encode_weights(server.fleet, 1, model_hash, [np.zeros(w["shape"], np.float32) for w in manifest["weights"]],
+                           manifest["metrics"]["variables"])
+    server.publish_model(model_bytes)
+    server.publish(weights_topic(server.fleet), stale)  # last round's weights, not the ones the task names
+    agent = make_agent("dev-s", model_fetch_timeout=1.0)
+    server.publish_task(model_hash, 2, weights_hash="sha256:" + "ab" * 32)
+    wait_until(lambda: agent.stats["rounds_failed"] == 1, "the round to fail for want of its weights")
+    assert "global weights did not arrive" in caplog.text
+    assert server.updates.empty() and agent.stats["updates_published"] == 0

@@ -28,18 +28,22 @@ from device_runtime.protocol import (
     decode_status,
     decode_task,
     decode_update,
+    decode_weights,
     encode_status,
     encode_task,
     encode_update,
+    encode_weights,
     is_selected,
     max_update_bytes,
     model_topic,
+    payload_hash,
     status_topic,
     status_wildcard,
     task_topic,
     topic_device_id,
     update_topic,
     update_wildcard,
+    weights_topic,
 )
 from device_runtime.protocol.generated import update_generated as fb
 
@@ -588,3 +592,22 @@ def test_generated_code_matches_the_schema(tmp_path: Path) -> None:
                    check=True, capture_output=True)
     generated = package / "generated" / "update_generated.py"
     assert (tmp_path / "update_generated.py").read_text() == generated.read_text()
+
+
+def test_global_weights_round_trip_and_are_named_by_their_hash() -> None:
+    weights = _update(seed=4).tensors
+    payload = encode_weights("fleet-a", 9, HASH, weights, VARIABLES)
+    decoded = decode_weights(payload, SMALL, fleet="fleet-a")
+    assert decoded.round == 9 and decoded.num_examples == 0
+    for got, want in zip(decoded.tensors, weights, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert payload_hash(payload) == "sha256:" + hashlib.sha256(payload).hexdigest()
+    assert weights_topic("fleet-a") == "fedge/fleet-a/weights"
+    with pytest.raises(ProtocolError, match="device_id"):  # a device's update is not global weights
+        decode_weights(encode_update(_update()), SMALL)
+
+
+def test_task_names_its_global_weights_by_hash() -> None:
+    assert decode_task(encode_task(_task(weights_hash=HASH))).weights_hash == HASH
+    with pytest.raises(ProtocolError, match="weights_hash"):
+        decode_task(_task_json(weights_hash="sha256:xyz"))

@@ -13,11 +13,14 @@ from device_runtime.protocol.codec import (
     decode_status,
     decode_task,
     decode_update,
+    decode_weights,
     encode_status,
     encode_task,
     encode_update,
+    encode_weights,
     is_selected,
     max_update_bytes,
+    payload_hash,
 )
 from device_runtime.protocol.errors import PROTOCOL_VERSION, ProtocolError
 from device_runtime.protocol.topics import (
@@ -29,6 +32,7 @@ from device_runtime.protocol.topics import (
     topic_device_id,
     update_topic,
     update_wildcard,
+    weights_topic,
 )
 
 __all__ = [
@@ -43,11 +47,14 @@ __all__ = [
     "decode_status",
     "decode_task",
     "decode_update",
+    "decode_weights",
     "encode_status",
     "encode_task",
     "encode_update",
+    "encode_weights",
     "is_selected",
     "max_update_bytes",
+    "payload_hash",
     "model_topic",
     "status_topic",
     "status_wildcard",
@@ -55,4 +62,5 @@ __all__ = [
     "topic_device_id",
     "update_topic",
     "update_wildcard",
+    "weights_topic",
 ]

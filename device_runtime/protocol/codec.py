@@ -72,6 +72,7 @@ class Task:
     encoding: str
     topk: float | None
     seed: int
+    weights_hash: str | None = None  # sha256 of the round's global weights (weights topic); None: the artifact's own
     protocol_version: int = PROTOCOL_VERSION
 
 
@@ -340,6 +341,29 @@ def decode_update(payload: bytes, manifest: dict, max_bytes: int | None = None,
     return update
 
 
+# ---------------------------------------------------------------------------- global weights
+
+WEIGHTS_SENDER = "server"
+
+
+def encode_weights(fleet: str, round: int, model_hash: str, weights: list[np.ndarray], metric_variables: list[str],
+                   encoding: str = "float32") -> bytes:
+    """The round's global weights, sent as an update from `WEIGHTS_SENDER` (same schema, same checks)."""
+    return encode_update(ModelUpdate(fleet=fleet, round=round, device_id=WEIGHTS_SENDER, update_id=f"weights-{round}",
+                                     model_hash=model_hash, num_examples=0,
+                                     metrics={name: 0.0 for name in metric_variables}, tensors=weights), encoding)
+
+
+def decode_weights(payload: bytes, manifest: dict, fleet: str | None = None) -> ModelUpdate:
+    """Check and decode a global-weights payload; `.tensors` are the weights, `.round` their round."""
+    return decode_update(payload, manifest, fleet=fleet, device_id=WEIGHTS_SENDER)
+
+
+def payload_hash(payload: bytes) -> str:
+    """'sha256:<hex>' of a payload, as a task names the global weights it expects."""
+    return "sha256:" + hashlib.sha256(payload).hexdigest()
+
+
 # ---------------------------------------------------------------------------- tasks and statuses
 
 
@@ -395,6 +419,7 @@ def _checked_task(fields: dict) -> Task:
         encoding=_encoding(fields["encoding"]),
         topk=_optional(fields["topk"], _real, "topk", 0.0, 1.0),
         seed=_uint(fields["seed"], "seed"),
+        weights_hash=_optional(fields["weights_hash"], _model_hash, "weights_hash"),
         protocol_version=PROTOCOL_VERSION,
     )
 

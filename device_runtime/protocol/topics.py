@@ -43,6 +43,11 @@ def model_topic(fleet: str, model_hash: str) -> str:
     return f"fedge/{check_id(fleet, 'fleet')}/model/{hash_hex(model_hash)}"
 
 
+def weights_topic(fleet: str) -> str:
+    """The retained topic that holds the current round's global weights (an update from 'server')."""
+    return f"fedge/{check_id(fleet, 'fleet')}/weights"
+
+
 def status_topic(fleet: str, device_id: str) -> str:
     """The retained topic of a device's status (JSON; the last will says 'offline')."""
     return f"fedge/{check_id(fleet, 'fleet')}/status/{check_id(device_id, 'device id')}"
