@@ -65,11 +65,13 @@ def _spec_entry(spec: tf.TensorSpec) -> dict[str, Any]:
 
 def convert_keras_model(model: keras.Model, *, loss: Any, optimizer: Any, batch_size: int,
                         metrics: Iterable[Any] | None = ("accuracy",),
-                        model_name: str | None = None) -> ConversionResult:
+                        model_name: str | None = None, proximal: bool = False) -> ConversionResult:
     """Lower `model` to a `.tflite` that trains with builtin ops only (docs/artifact.md).
 
     Unsupported layers, losses and optimizer options raise before anything is converted;
-    the Keras model's weights are copied, never changed.
+    the Keras model's weights are copied, never changed. `proximal=True` adds FedProx's
+    proximal term (strength set with the `set_proximal_mu` signature, anchored at the
+    weights last given to `set_weights`).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConversionError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -78,7 +80,7 @@ def convert_keras_model(model: keras.Model, *, loss: Any, optimizer: Any, batch_
     track_accuracy = _tracks_accuracy(metrics, spec)
     graph = build_graph(model)
     x_spec, y_spec = _tensor_specs(model, spec, batch_size)
-    module = TrainableModule(graph, spec, optimizer_entry, x_spec, y_spec, track_accuracy)
+    module = TrainableModule(graph, spec, optimizer_entry, x_spec, y_spec, track_accuracy, proximal)
     model_bytes = convert_signatures(module, module.signature_functions)
     finalizers = {"loss": ["divide", "loss_sum", "num_examples"],
                   "num_examples": ["identity", "num_examples"],
@@ -100,6 +102,7 @@ def convert_keras_model(model: keras.Model, *, loss: Any, optimizer: Any, batch_
         "num_parameters": int(sum(np.prod(w["shape"], dtype=np.int64) for w in weights)),
         "loss": spec.manifest(),
         "optimizer": optimizer_entry,
+        "proximal": bool(proximal),
         "metrics": {"variables": module.metric_names, "finalizers": finalizers},
         "signatures": sorted(module.signature_functions),
         "producer": f"fedge 0.1.0 (tensorflow {tf.__version__}, keras {keras.__version__})",

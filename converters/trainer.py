@@ -36,7 +36,7 @@ class TrainableModule(tf.Module):
     """Weights, optimizer and metric variables of one model, and its signature functions."""
 
     def __init__(self, graph: ModelGraph, loss: LossSpec, optimizer: dict[str, Any],
-                 x_spec: tf.TensorSpec, y_spec: tf.TensorSpec, track_accuracy: bool):
+                 x_spec: tf.TensorSpec, y_spec: tf.TensorSpec, track_accuracy: bool, proximal: bool = False):
         super().__init__(name="fedge_model")
         self._graph = graph
         self._loss = loss
@@ -45,6 +45,11 @@ class TrainableModule(tf.Module):
         self._trainable = [i for i, trainable in enumerate(graph.trainable) if trainable]
         self.optimizer = OptimizerState(optimizer, [tuple(self.model_weights[i].shape) for i in self._trainable])
         self._metric_names = [name for name in METRIC_VARIABLES if track_accuracy or name != "correct"]
+        self._proximal = proximal
+        if proximal:  # FedProx: the weights set by set_weights anchor the proximal term mu/2 ||w - anchor||^2
+            self.anchors = [tf.Variable(self.model_weights[i].read_value(), name=f"anchor_{i:03d}")
+                            for i in self._trainable]
+            self.proximal_mu = tf.Variable(0.0, name="proximal_mu")
         self.metrics = {name: tf.Variable(0.0, name=name) for name in self._metric_names}
         self._logits_node = self._find_logits_node()
         mask_spec = tf.TensorSpec([x_spec.shape[0]], tf.float32, name="mask")
@@ -61,6 +66,9 @@ class TrainableModule(tf.Module):
                 tf.TensorSpec([], tf.float32, name="learning_rate")]),
             "reset_optimizer": _signature(self._reset_optimizer, input_signature=[]),
         }
+        if proximal:
+            self.signature_functions["set_proximal_mu"] = _signature(self._set_proximal_mu, input_signature=[
+                tf.TensorSpec([], tf.float32, name="proximal_mu")])
 
     @property
     def metric_names(self) -> list[str]:
@@ -134,9 +142,12 @@ class TrainableModule(tf.Module):
         weight_grads = self._backward(caches, weights, d_loss_input)
         for index, value in ctx.updates:
             self.model_weights[index].assign(value)
-        self.optimizer.apply(
-            [self.model_weights[i] for i in self._trainable], [weights[i] for i in self._trainable],
-            [weight_grads.get(i, tf.zeros_like(weights[i])) for i in self._trainable])
+        grads = [weight_grads.get(i, tf.zeros_like(weights[i])) for i in self._trainable]
+        if self._proximal:
+            mu = self.proximal_mu.read_value()
+            grads = [grad + mu * (weights[i] - anchor) for grad, i, anchor in zip(grads, self._trainable, self.anchors)]
+        self.optimizer.apply([self.model_weights[i] for i in self._trainable], [weights[i] for i in self._trainable],
+                             grads)
         self._accumulate_metrics(values, y, mask, per_example)
         return {"loss": loss}
 
@@ -166,11 +177,18 @@ class TrainableModule(tf.Module):
     def _set_weights(self, *weights):
         for variable, value in zip(self.model_weights, weights):
             variable.assign(value)
+        if self._proximal:
+            for anchor, i in zip(self.anchors, self._trainable):
+                anchor.assign(weights[i])
         return {"num_weights": tf.constant(len(weights), tf.int32)}
 
     def _set_learning_rate(self, learning_rate):
         self.optimizer.learning_rate.assign(learning_rate)
         return {"learning_rate": self.optimizer.learning_rate.read_value()}
+
+    def _set_proximal_mu(self, proximal_mu):
+        self.proximal_mu.assign(proximal_mu)
+        return {"proximal_mu": self.proximal_mu.read_value()}
 
     def _reset_optimizer(self):
         self.optimizer.reset()

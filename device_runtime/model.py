@@ -286,6 +286,15 @@ class TrainableModel:
         outputs = self._run("set_learning_rate", learning_rate=np.array(learning_rate, dtype=np.float32))
         return float(outputs["learning_rate"])
 
+    def set_proximal_mu(self, proximal_mu: float) -> float:
+        """Set FedProx's proximal strength (artifacts converted with proximal=True); returns it."""
+        if not self._manifest.get("proximal"):
+            raise ValueError("this artifact has no proximal term: convert it with proximal=True for FedProx")
+        if not math.isfinite(proximal_mu) or proximal_mu < 0:
+            raise ValueError(f"proximal_mu must be finite and >= 0, got {proximal_mu!r}")
+        outputs = self._run("set_proximal_mu", proximal_mu=np.array(proximal_mu, dtype=np.float32))
+        return float(outputs["proximal_mu"])
+
     def reset_optimizer(self) -> None:
         """Zero the optimizer slots and step counter, as for a fresh client optimizer."""
         self._run("reset_optimizer")

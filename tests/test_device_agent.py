@@ -466,7 +466,7 @@ def test_cli_rejects_bad_arguments_before_connecting(arguments, message, tmp_pat
 def tls_broker(tmp_path: Path) -> Iterator[tuple[PrivateBroker, Path]]:
     """A broker that takes only TLS (self-signed certificate for 127.0.0.1) and users with passwords."""
     if not shutil.which("openssl") or not shutil.which("mosquitto_passwd"):
-        pytest.skip("needs openssl and mosquitto_passwd to set up a TLS broker")
+        pytest.fail("the TLS test needs openssl and mosquitto_passwd (Debian's openssl and mosquitto packages)")
     cert, key, passwords = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "passwords"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
                     "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],

@@ -26,8 +26,7 @@ import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
+import keras  # noqa: E402
 
 from converters import ConversionError, UnsupportedLayerError, convert_keras_model  # noqa: E402
 from device_runtime.artifact import list_operators  # noqa: E402

@@ -34,15 +34,17 @@ class BatchNormalizationLowering(Lowering):
         reduce_axes = list(range(x.shape.rank - 1))
         if ctx.training and self.layer.trainable:
             rows = ctx.row_mask(x.shape.rank)
-            count = tf.reduce_sum(ctx.mask) * float(x.shape[1:-1].num_elements())
+            real_rows = tf.reduce_sum(ctx.mask)
+            # An all-padding batch has no statistics: divide by 1 instead of 0, keep the moving ones.
+            count = tf.maximum(real_rows, 1.0) * float(x.shape[1:-1].num_elements())
             mean = tf.reduce_sum(x * rows, axis=reduce_axes) / count
             centered = x - mean
             variance = tf.reduce_sum(centered * centered * rows, axis=reduce_axes) / count
             momentum = self.layer.momentum
             for name, batch_value in (("moving_mean", mean), ("moving_variance", variance)):
                 moving = weights[self.slot[name]]
-                ctx.updates.append((self.weight_indices[self.slot[name]],
-                                    moving * momentum + batch_value * (1.0 - momentum)))
+                updated = moving * momentum + batch_value * (1.0 - momentum)
+                ctx.updates.append((self.weight_indices[self.slot[name]], tf.where(real_rows > 0.0, updated, moving)))
         else:
             rows, count = None, None
             mean, variance = weights[self.slot["moving_mean"]], weights[self.slot["moving_variance"]]
