@@ -10,10 +10,11 @@ Prints four tables:
    `model.fit`, and the agent's round time (task published -> update received);
 3. the encoded size of a real one-round delta of the McMahan CNN per encoding, relative to
    float32, with encode and decode times;
-4. the final test accuracy of a short FedAvg run on scikit-learn digits (non-IID clients) whose
-   updates travel as float32, float16 or int8.
+4. the final test accuracy of short FedAvg runs on scikit-learn digits (10 non-IID clients,
+   15 rounds, 1 and 5 local epochs, 3 seeds) whose updates travel as float32, float16 or int8.
 
-    python bench/device.py [--rounds 15] [--clients 10] [--skip-install --device-venv PATH]
+    python bench/device.py [--rounds 15] [--local-epochs 1 5] [--seeds 3]
+                           [--device-venv PATH [--skip-install]]
 
 The device venv is built with `python3 -m venv` and `pip install -q '<copy>[device]'`, where
 <copy> is a copy of the working tree without .git, virtual environments and build outputs
@@ -50,7 +51,7 @@ import numpy as np  # noqa: E402
 
 from train_step import _PEAK_RSS, mcmahan_cnn  # noqa: E402  (bench/ is sys.path[0])
 
-MB = 1e6
+MIB = 1024 * 1024
 FLEET = "bench"
 TIMEOUT_S = 120.0
 # Every venv has these (python3 -m venv installs them): left out of both sums.
@@ -68,6 +69,30 @@ model.fit(x, y, batch_size=10, epochs=1, verbose=0)
 print(time.perf_counter() - started, _peak_rss_kb())
 """
 
+# One round's work done step by step in a device-venv process, with the peak RSS after each step.
+_STAGES = """
+import json, sys, uuid
+{peak}
+stages = [["Python started", _peak_rss_kb()]]
+import numpy as np
+from device_runtime.agent import DeviceAgent  # noqa: F401  (everything the agent imports: paho, flatbuffers)
+from device_runtime import TrainableModel
+from device_runtime.protocol import ModelUpdate, encode_update
+from device_runtime.training import train_locally
+stages.append(["imports (numpy, paho, flatbuffers, device_runtime)", _peak_rss_kb()])
+with open(sys.argv[1], "rb") as file:
+    model = TrainableModel(file.read(), num_threads=1)
+stages.append(["LiteRT imported, model loaded", _peak_rss_kb()])
+with np.load(sys.argv[2]) as data:
+    x, y = data["x"], data["y"]
+result = train_locally(model, (x, y), epochs=1, shuffle_seed=1)
+stages.append(["train_locally (1 epoch) returned the delta", _peak_rss_kb()])
+payload = encode_update(ModelUpdate("bench", 1, "d1", uuid.uuid4().hex, model.content_hash, result.num_examples,
+                                    result.metrics, result.delta), "float32")
+stages.append(["encode_update (float32)", _peak_rss_kb()])
+print(json.dumps(stages))
+"""
+
 
 # ------------------------------------------------------------------------------ 1. installed size
 
@@ -79,8 +104,8 @@ def _project(entry: str) -> str:
 
 def site_packages(venv: Path) -> Path:
     """The site-packages folder of a venv, as its own Python reports it."""
-    out = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                         capture_output=True, text=True, check=True)
+    script = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True, check=True)
     return Path(out.stdout.strip())
 
 
@@ -114,20 +139,22 @@ def install_device_venv(venv: Path, workdir: Path) -> float:
         ".git", ".venv*", "build", "dist", "*.egg-info", "reports", "__pycache__", ".pytest_cache", ".hypothesis"))
     started = time.perf_counter()
     subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"{copy}[device]"], check=True,
-                   stderr=subprocess.DEVNULL)  # the local index prints warnings about missing folders
+    install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"{copy}[device]"],
+                             capture_output=True, text=True)
+    if install.returncode:
+        raise RuntimeError(f"pip install of the device extra failed:\n{install.stderr}")
     shutil.rmtree(copy)
     return time.perf_counter() - started
 
 
 def measure_install(device_venv: Path, desktop_venv: Path) -> dict:
-    """Sizes (MB) of the device venv, the desktop venv and TensorFlow's package folder."""
+    """Sizes (MiB) of the device venv, the desktop venv and TensorFlow's package folder."""
     device, device_parts = installed_bytes(device_venv)
     desktop, _ = installed_bytes(desktop_venv)
     tensorflow = tree_bytes(site_packages(desktop_venv) / "tensorflow")
     largest = sorted(device_parts.items(), key=lambda item: -item[1])[:5]
-    return {"device_mb": device / MB, "desktop_mb": desktop / MB, "tensorflow_mb": tensorflow / MB,
-            "device_largest_mb": {name: size / MB for name, size in largest}}
+    return {"device_mib": device / MIB, "desktop_mib": desktop / MIB, "tensorflow_mib": tensorflow / MIB,
+            "device_largest_mib": {name: size / MIB for name, size in largest}}
 
 
 # ------------------------------------------------------------------------------ 2. agent memory
@@ -232,6 +259,7 @@ def measure_agent_round(device_python: Path, cnn_bytes: bytes, data_path: Path, 
                     cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
             if not server.online.wait(TIMEOUT_S):
                 raise RuntimeError(f"the agent did not come online:\n{log_path.read_text()}")
+            idle_kb = _proc_status_kb(agent.pid, "VmHWM")
             task = Task(round=1, model_hash=manifest["content_hash"], learning_rate=None, epochs=1, max_steps=None,
                         max_seconds=None, deadline=time.time() + 600, selected=None, fraction=None,
                         encoding="float32", topk=None, seed=1)
@@ -253,10 +281,17 @@ def measure_agent_round(device_python: Path, cnn_bytes: bytes, data_path: Path, 
             server.close()
     log = log_path.read_text()
     trained = re.search(r"trained (\d+) steps on (\d+) examples in ([0-9.]+) s", log)
-    return {"peak_mb": peak_kb * 1024 / MB, "rss_after_mb": rss_kb * 1024 / MB,
+    return {"peak_mib": peak_kb / 1024, "idle_peak_mib": idle_kb / 1024, "rss_after_mib": rss_kb / 1024,
             "round_s": received - published, "train_s": float(trained.group(3)) if trained else math.nan,
             "steps": int(trained.group(1)) if trained else 0, "num_examples": update.num_examples,
             "update_bytes": len(payload), "exit_code": exit_code}
+
+
+def measure_round_stages(device_python: Path, artifact: Path, data_path: Path) -> list[tuple[str, float]]:
+    """Peak RSS (MiB) after each step of one round's work, in a fresh device-venv process."""
+    run = subprocess.run([str(device_python), "-c", _STAGES.format(peak=_PEAK_RSS), str(artifact), str(data_path)],
+                         cwd=ROOT, capture_output=True, text=True, check=True)
+    return [(name, kilobytes / 1024) for name, kilobytes in json.loads(run.stdout.splitlines()[-1])]
 
 
 def measure_keras_fit(keras_file: Path, data_path: Path) -> dict:
@@ -264,7 +299,7 @@ def measure_keras_fit(keras_file: Path, data_path: Path) -> dict:
     run = subprocess.run([sys.executable, "-c", _KERAS_FIT.format(peak=_PEAK_RSS), str(keras_file), str(data_path)],
                          capture_output=True, text=True, check=True)
     seconds, kilobytes = run.stdout.split()[-2:]
-    return {"peak_mb": int(kilobytes) * 1024 / MB, "fit_s": float(seconds)}
+    return {"peak_mib": int(kilobytes) / 1024, "fit_s": float(seconds)}
 
 
 # ------------------------------------------------------------------------------ 3. update sizes
@@ -345,7 +380,8 @@ def federated_accuracy(rounds: int, clients: int, alpha: float, seed: int, local
 
     def accuracy(weights: list[np.ndarray]) -> float:
         model.set_weights(weights)
-        return finalize_metrics(manifest["metrics"]["finalizers"], evaluate_locally(model, (x_test, y_test)))["accuracy"]
+        metrics = evaluate_locally(model, (x_test, y_test))
+        return finalize_metrics(manifest["metrics"]["finalizers"], metrics)["accuracy"]
 
     results: dict = {}
     for epochs in local_epochs:
@@ -388,7 +424,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="FedAvg rounds on digits (default %(default)s)")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--local-epochs", type=int, nargs="+", default=[1, 5],
+                        help="local epochs per round to run FedAvg with (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="first seed")
+    parser.add_argument("--seeds", type=int, default=3, help="FedAvg runs per setting, seeds seed.. (default 3)")
     parser.add_argument("--examples", type=int, default=500, help="local examples of the agent (McMahan CNN)")
     parser.add_argument("--repeats", type=int, default=5, help="encode/decode timing repeats (median)")
     parser.add_argument("--device-venv", type=Path, help="where to build the device venv (default: a temp folder)")
@@ -413,13 +452,13 @@ def main() -> None:
         sizes = report["install"] = measure_install(device_venv, args.desktop_venv)
         print(f"# 1. installed size (site-packages, without pip/setuptools; bytecode caches left out)"
               + (f"; device install took {install_s:.1f} s" if install_s is not None else ""))
-        print(f"{'install':44s} {'MB':>9s} {'device / this':>14s}")
-        for label, key in ((f"device extra ({device_venv.name})", "device_mb"),
-                           (f"desktop + dev ({args.desktop_venv.name})", "desktop_mb"),
-                           ("tensorflow package folder alone", "tensorflow_mb")):
-            print(f"{label:44s} {sizes[key]:>9.1f} {sizes['device_mb'] / sizes[key]:>14.3f}")
+        print(f"{'install':44s} {'MiB':>9s} {'device / this':>14s}")
+        for label, key in ((f"device extra ({device_venv.name})", "device_mib"),
+                           (f"desktop + dev ({args.desktop_venv.name})", "desktop_mib"),
+                           ("tensorflow package folder alone", "tensorflow_mib")):
+            print(f"{label:44s} {sizes[key]:>9.1f} {sizes['device_mib'] / sizes[key]:>14.3f}")
         print("largest in the device venv: " + ", ".join(f"{name} {mb:.1f}" for name, mb in
-                                                         sizes["device_largest_mb"].items()))
+                                                         sizes["device_largest_mib"].items()))
 
         # 2. agent memory and round time
         import keras
@@ -441,16 +480,24 @@ def main() -> None:
         agent = report["agent"] = measure_agent_round(device_venv / "bin" / "python", converted.tflite_bytes,
                                                       data_path, workdir)
         fit = report["keras_fit"] = measure_keras_fit(keras_file, data_path)
+        artifact = converted.save(workdir / "mcmahan_cnn.tflite")
+        stages = report["round_stages"] = measure_round_stages(device_venv / "bin" / "python", artifact, data_path)
         print(f"\n# 2. one training round of the McMahan CNN ({converted.manifest['num_parameters']:,} parameters, "
               f"batch 10, {args.examples} examples, 1 epoch)")
-        print(f"{'process':52s} {'peak RSS MB':>11s} {'train s':>8s}")
-        print(f"{'device agent (device venv, no TensorFlow, 1 thread)':52s} {agent['peak_mb']:>11.1f} "
+        print(f"{'process':52s} {'peak RSS MiB':>12s} {'train s':>8s}")
+        print(f"{'device agent (device venv, no TensorFlow, 1 thread)':52s} {agent['peak_mib']:>12.1f} "
               f"{agent['train_s']:>8.2f}")
-        print(f"{'TensorFlow model.fit (desktop venv, all cores)':52s} {fit['peak_mb']:>11.1f} {fit['fit_s']:>8.2f}")
-        print(f"agent / TF peak RSS = {agent['peak_mb'] / fit['peak_mb']:.2f}; agent round time (task published -> "
-              f"update received, first round: model download {len(converted.tflite_bytes) / MB:.1f} MB + load + "
-              f"{agent['steps']} steps + {agent['update_bytes'] / MB:.1f} MB update) = {agent['round_s']:.2f} s; "
+        print(f"{'TensorFlow model.fit (all cores; time incl. tracing)':52s} {fit['peak_mib']:>12.1f} "
+              f"{fit['fit_s']:>8.2f}")
+        print(f"{'device agent before the task (connected, idle)':52s} {agent['idle_peak_mib']:>12.1f}")
+        print(f"agent / TF peak RSS = {agent['peak_mib'] / fit['peak_mib']:.2f}; agent round time (task published -> "
+              f"update received, first round: model download {len(converted.tflite_bytes) / MIB:.1f} MiB + load + "
+              f"{agent['steps']} steps + {agent['update_bytes'] / MIB:.1f} MiB update) = {agent['round_s']:.2f} s; "
               f"agent exit code after SIGTERM {agent['exit_code']}")
+
+        print("the same round's work step by step in one device-venv process (peak RSS MiB after each step):")
+        for name, mb in stages:
+            print(f"  {name:52s} {mb:>7.1f}")
 
         # 3. update sizes
         rows, num_parameters = measure_update_sizes(converted.tflite_bytes, x, y, args.repeats)
@@ -465,20 +512,35 @@ def main() -> None:
                   f"{row['encode_ms']:>9.1f} {row['decode_ms']:>9.1f}")
 
         # 4. accuracy cost
-        fed = report["federated"] = federated_accuracy(args.rounds, args.clients, args.alpha, args.seed)
-        print(f"\n# 4. FedAvg on digits: {args.clients} clients, Dirichlet alpha {args.alpha} over labels "
-              f"(client sizes {fed['client_sizes']}; labels with >= 5% of a client's examples: "
-              f"{fed['labels_per_client']}), {args.rounds} rounds, 1 epoch, SGD 0.1 momentum 0.9, batch 16, "
-              f"{fed['num_parameters']:,} parameters, {fed['test_examples']} test examples")
-        base = fed["encodings"]["float32"]
-        print(f"{'encoding':9s} {'accuracy':>8s} {'vs float32':>10s} {'bytes/round':>11s} {'/ float32':>9s} "
-              f"{'seconds':>7s}")
-        for encoding, result in fed["encodings"].items():
-            print(f"{encoding:9s} {result['accuracy']:>8.4f} {result['accuracy'] - base['accuracy']:>+10.4f} "
-                  f"{result['bytes_per_round']:>11,.0f} {result['bytes_per_round'] / base['bytes_per_round']:>9.3f} "
-                  f"{result['seconds']:>7.1f}")
-        for encoding, result in fed["encodings"].items():
-            print(f"  {encoding} accuracy by round: " + " ".join(f"{a:.3f}" for a in result["curve"]))
+        runs = [federated_accuracy(args.rounds, args.clients, args.alpha, seed, args.local_epochs)
+                for seed in range(args.seed, args.seed + args.seeds)]
+        print(f"\n# 4. FedAvg on digits: {args.clients} clients, Dirichlet alpha {args.alpha} over labels, "
+              f"{args.rounds} rounds, SGD 0.1 momentum 0.9, batch 16, {runs[0]['num_parameters']:,} parameters, "
+              f"{runs[0]['test_examples']} test examples; seeds {args.seed}..{args.seed + args.seeds - 1} "
+              f"(each seed: its own split, initial weights and shuffling, shared by the three encodings)")
+        for seed, run in zip(range(args.seed, args.seed + args.seeds), runs):
+            print(f"  seed {seed}: client sizes {run['client_sizes']}, labels with >= 5% of a client's examples "
+                  f"{run['labels_per_client']}")
+        print(f"{'local epochs':>12s} {'encoding':9s} {'accuracy per seed':>24s} {'mean':>6s} {'mean diff':>9s} "
+              f"{'max |diff|':>10s} {'bytes/round':>11s} {'/ float32':>9s}")
+        table = []
+        for epochs in args.local_epochs:
+            for encoding in ("float32", "float16", "int8"):
+                accuracies = [run["results"][(epochs, encoding)]["accuracy"] for run in runs]
+                diffs = [a - run["results"][(epochs, "float32")]["accuracy"] for a, run in zip(accuracies, runs)]
+                sent = statistics.mean(run["results"][(epochs, encoding)]["bytes_per_round"] for run in runs)
+                base = statistics.mean(run["results"][(epochs, "float32")]["bytes_per_round"] for run in runs)
+                table.append({"local_epochs": epochs, "encoding": encoding, "accuracy": accuracies,
+                              "diff": diffs, "bytes_per_round": sent, "ratio": sent / base,
+                              "curves": [run["results"][(epochs, encoding)]["curve"] for run in runs]})
+                print(f"{epochs:>12d} {encoding:9s} {' '.join(f'{a:.3f}' for a in accuracies):>24s} "
+                      f"{statistics.mean(accuracies):>6.3f} {statistics.mean(diffs):>+9.4f} "
+                      f"{max(map(abs, diffs)):>10.4f} {sent:>11,.0f} {sent / base:>9.3f}")
+        report["federated"] = table
+        for row in table:
+            if row["encoding"] == "float32":
+                print(f"  float32, {row['local_epochs']} local epoch(s), seed {args.seed}, accuracy by round: "
+                      + " ".join(f"{a:.2f}" for a in row["curves"][0]))
     report["total_s"] = time.perf_counter() - started
     print(f"\ntotal {report['total_s']:.0f} s")
     print(json.dumps(report))
