@@ -1,4 +1,7 @@
-"""Entry point: a Keras 3 model, loss, optimizer and batch size in; a trainable artifact out."""
+"""Entry point: a Keras 3 model, loss, optimizer and batch size in; a trainable artifact out.
+
+Also the manifest packaging every entry point shares (converters/custom.py is the other).
+"""
 
 from __future__ import annotations
 
@@ -13,9 +16,10 @@ import tensorflow as tf
 from converters.errors import ConversionError
 from converters.graph import build_graph
 from converters.losses import LossSpec, loss_spec
+from converters.module import ArtifactModule, weight_key
 from converters.optimizers import optimizer_config
 from converters.tflite_file import convert_signatures, embed_manifest
-from converters.trainer import TrainableModule, weight_key
+from converters.trainer import TrainableModule
 
 FORMAT_VERSION = 1
 _ACCURACY_NAMES = {"accuracy", "acc", "sparse_categorical_accuracy", "categorical_accuracy", "binary_accuracy"}
@@ -35,7 +39,8 @@ class ConversionResult:
         return path
 
 
-def _tracks_accuracy(metrics: Iterable[Any] | None, loss: LossSpec) -> bool:
+def tracks_accuracy(metrics: Iterable[Any] | None, loss: LossSpec) -> bool:
+    """Whether Keras `metrics` ask for accuracy; ConversionError for any metric the artifact lacks."""
     names = [m if isinstance(m, str) else getattr(m, "name", type(m).__name__) for m in (metrics or [])]
     unknown = [name for name in names if name not in _ACCURACY_NAMES and name != "loss"]
     if unknown:
@@ -46,7 +51,9 @@ def _tracks_accuracy(metrics: Iterable[Any] | None, loss: LossSpec) -> bool:
     return any(name in _ACCURACY_NAMES for name in names)
 
 
-def _tensor_specs(model: keras.Model, loss: LossSpec, batch_size: int) -> tuple[tf.TensorSpec, tf.TensorSpec]:
+def keras_data_specs(model: keras.Model, loss: LossSpec,
+                     batch_size: int | None) -> tuple[tf.TensorSpec, tf.TensorSpec]:
+    """The (x, y) specs the artifact of `model` trained with `loss` takes, batch dimension `batch_size`."""
     input_shape, output_shape = model.inputs[0].shape[1:], model.outputs[0].shape[1:]
     if None in input_shape or None in output_shape:
         raise ConversionError(f"input and output shapes must be fully known, got input {input_shape} "
@@ -63,6 +70,57 @@ def _spec_entry(spec: tf.TensorSpec) -> dict[str, Any]:
     return {"shape": [int(d) for d in spec.shape[1:]], "dtype": spec.dtype.name}
 
 
+def check_batch_size(batch_size: Any) -> None:
+    """Raise ConversionError unless `batch_size` is a positive int (the artifact's fixed batch)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConversionError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def keras_metric_finalizers(metric_variables: list[str]) -> dict[str, list[str]]:
+    """How a Keras model's artifact finalizes its metric variables (manifest["metrics"]["finalizers"])."""
+    finalizers = {"loss": ["divide", "loss_sum", "num_examples"],
+                  "num_examples": ["identity", "num_examples"],
+                  "num_batches": ["identity", "num_batches"]}
+    if "correct" in metric_variables:
+        finalizers["accuracy"] = ["divide", "correct", "num_examples"]
+    return finalizers
+
+
+def package_artifact(module: ArtifactModule, *, model_name: str, weight_names: list[str], loss: dict[str, Any],
+                     finalizers: dict[str, list[str]]) -> ConversionResult:
+    """Convert `module`'s signatures (builtin ops only, checked) and embed the manifest of docs/artifact.md.
+
+    Every entry point (a Keras model, a custom fedge Model) ends here, so all artifacts share
+    one manifest layout and one content hash.
+    """
+    model_bytes = convert_signatures(module, module.signature_functions)
+    output = module.signature_functions["forward"].get_concrete_function().structured_outputs["output"]
+    weights = [{"key": weight_key(i), "name": name, "shape": [int(d) for d in variable.shape],
+                "dtype": "float32", "trainable": trainable}
+               for i, (name, variable, trainable) in enumerate(zip(weight_names, module.model_weights,
+                                                                   module.trainable_flags))]
+    manifest = {
+        "format": "fedge-trainable",
+        "format_version": FORMAT_VERSION,
+        "model_name": model_name,
+        "batch_size": int(module.x_spec.shape[0]),
+        "input": _spec_entry(module.x_spec),
+        "label": _spec_entry(module.y_spec),
+        "output": _spec_entry(output),
+        "weights": weights,
+        "num_parameters": int(sum(np.prod(w["shape"], dtype=np.int64) for w in weights)),
+        "loss": loss,
+        "optimizer": module.optimizer.config,
+        "proximal": bool(module.proximal),
+        "metrics": {"variables": module.metric_names, "finalizers": finalizers},
+        "signatures": sorted(module.signature_functions),
+        "producer": f"fedge 0.1.0 (tensorflow {tf.__version__}, keras {keras.__version__})",
+    }
+    packed = embed_manifest(model_bytes, manifest)
+    from device_runtime.artifact import read_manifest
+    return ConversionResult(packed, read_manifest(packed))
+
+
 def convert_keras_model(model: keras.Model, *, loss: Any, optimizer: Any, batch_size: int,
                         metrics: Iterable[Any] | None = ("accuracy",),
                         model_name: str | None = None, proximal: bool = False) -> ConversionResult:
@@ -73,40 +131,13 @@ def convert_keras_model(model: keras.Model, *, loss: Any, optimizer: Any, batch_
     proximal term (strength set with the `set_proximal_mu` signature, anchored at the
     weights last given to `set_weights`).
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConversionError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_batch_size(batch_size)
     spec = loss_spec(loss)
     optimizer_entry = optimizer_config(optimizer)
-    track_accuracy = _tracks_accuracy(metrics, spec)
+    track_accuracy = tracks_accuracy(metrics, spec)
     graph = build_graph(model)
-    x_spec, y_spec = _tensor_specs(model, spec, batch_size)
+    x_spec, y_spec = keras_data_specs(model, spec, batch_size)
     module = TrainableModule(graph, spec, optimizer_entry, x_spec, y_spec, track_accuracy, proximal)
-    model_bytes = convert_signatures(module, module.signature_functions)
-    finalizers = {"loss": ["divide", "loss_sum", "num_examples"],
-                  "num_examples": ["identity", "num_examples"],
-                  "num_batches": ["identity", "num_batches"]}
-    if track_accuracy:
-        finalizers["accuracy"] = ["divide", "correct", "num_examples"]
-    weights = [{"key": weight_key(i), "name": variable.path, "shape": [int(d) for d in variable.shape],
-                "dtype": "float32", "trainable": trainable}
-               for i, (variable, trainable) in enumerate(zip(graph.weights, graph.trainable))]
-    manifest = {
-        "format": "fedge-trainable",
-        "format_version": FORMAT_VERSION,
-        "model_name": model_name or model.name,
-        "batch_size": batch_size,
-        "input": _spec_entry(x_spec),
-        "label": _spec_entry(y_spec),
-        "output": {"shape": [int(d) for d in model.outputs[0].shape[1:]], "dtype": "float32"},
-        "weights": weights,
-        "num_parameters": int(sum(np.prod(w["shape"], dtype=np.int64) for w in weights)),
-        "loss": spec.manifest(),
-        "optimizer": optimizer_entry,
-        "proximal": bool(proximal),
-        "metrics": {"variables": module.metric_names, "finalizers": finalizers},
-        "signatures": sorted(module.signature_functions),
-        "producer": f"fedge 0.1.0 (tensorflow {tf.__version__}, keras {keras.__version__})",
-    }
-    packed = embed_manifest(model_bytes, manifest)
-    from device_runtime.artifact import read_manifest
-    return ConversionResult(packed, read_manifest(packed))
+    return package_artifact(module, model_name=model_name or model.name,
+                            weight_names=[variable.path for variable in graph.weights], loss=spec.manifest(),
+                            finalizers=keras_metric_finalizers(module.metric_names))

@@ -1,4 +1,4 @@
-"""From a TrainableModule to `.tflite` bytes: conversion, the builtin-only check, the manifest."""
+"""From an ArtifactModule to `.tflite` bytes: conversion, the builtin-only check, the manifest."""
 
 from __future__ import annotations
 
@@ -23,7 +23,11 @@ def convert_signatures(module: tf.Module, signatures: dict[str, Any]) -> bytes:
     """Save `module` with `signatures` and convert it with TFLite builtins only."""
     concrete = {name: function.get_concrete_function() for name, function in signatures.items()}
     with tempfile.TemporaryDirectory(prefix="fedge-savedmodel-") as saved_model_dir:
-        tf.saved_model.save(module, saved_model_dir, signatures=concrete)
+        try:
+            tf.saved_model.save(module, saved_model_dir, signatures=concrete)
+        except (AssertionError, ValueError) as error:  # e.g. a signature reads a variable the module does not hold
+            raise ConversionError("the signatures could not be saved for conversion (does the model use a "
+                                  f"variable it does not list among its variables?): {error}") from error
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir, signature_keys=list(concrete))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         converter.experimental_enable_resource_variables = True

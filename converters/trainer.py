@@ -1,4 +1,4 @@
-"""The tf.Module whose tf.functions become the artifact's signatures (docs/artifact.md).
+"""The lowered Keras graph as an ArtifactModule whose tf.functions become the artifact's signatures.
 
 Training runs the lowered graph forward, then each node's hand-written backward pass in
 reverse order; no tf.GradientTape is involved, so no TF gradient kernel (ReluGrad,
@@ -16,72 +16,42 @@ from converters.graph import ModelGraph, Node
 from converters.layers import ForwardContext
 from converters.layers.core import ActivationLowering
 from converters.losses import CROSS_ENTROPIES, LossSpec, correct_predictions, masked_loss
-from converters.optimizers import OptimizerState
+from converters.module import ArtifactModule, weight_key
 
 METRIC_VARIABLES = ("loss_sum", "num_examples", "num_batches", "correct")
 
 
-def weight_key(index: int) -> str:
-    """Signature name of weight `index` in get_weights/set_weights."""
-    return f"w_{index:03d}"
+def metric_variable_names(track_accuracy: bool) -> list[str]:
+    """The unfinalized metric variables a Keras model's artifact reports, in report order."""
+    return [name for name in METRIC_VARIABLES if track_accuracy or name != "correct"]
 
 
-def _signature(function: Any, input_signature: list[tf.TensorSpec]) -> Any:
-    """A graph function for one signature; autograph is off because the lowering has no
-    tensor-dependent Python control flow (and tracing is about a third faster without it)."""
-    return tf.function(function, input_signature=input_signature, autograph=False)
+def find_logits_node(graph: ModelGraph, loss: LossSpec) -> Node | None:
+    """The final softmax/sigmoid node whose input Keras would use as logits for `loss`, if any."""
+    if loss.name not in CROSS_ENTROPIES or not graph.nodes:
+        return None
+    last = graph.nodes[graph.output - 1]
+    if isinstance(last.lowering, ActivationLowering) and last.lowering.name in LOGIT_ACTIVATIONS:
+        return last
+    return None
 
 
-class TrainableModule(tf.Module):
-    """Weights, optimizer and metric variables of one model, and its signature functions."""
+class TrainableModule(ArtifactModule):
+    """A lowered Keras graph: its weights, metric variables and hand-written training step."""
 
     def __init__(self, graph: ModelGraph, loss: LossSpec, optimizer: dict[str, Any],
                  x_spec: tf.TensorSpec, y_spec: tf.TensorSpec, track_accuracy: bool, proximal: bool = False):
-        super().__init__(name="fedge_model")
+        model_weights = [tf.Variable(variable.numpy(), name=weight_key(i)) for i, variable in enumerate(graph.weights)]
+        super().__init__(model_weights, graph.trainable, optimizer, x_spec, y_spec, proximal)
         self._graph = graph
         self._loss = loss
-        self.model_weights = [tf.Variable(variable.numpy(), name=weight_key(i))
-                              for i, variable in enumerate(graph.weights)]
-        self._trainable = [i for i, trainable in enumerate(graph.trainable) if trainable]
-        self.optimizer = OptimizerState(optimizer, [tuple(self.model_weights[i].shape) for i in self._trainable])
-        self._metric_names = [name for name in METRIC_VARIABLES if track_accuracy or name != "correct"]
-        self._proximal = proximal
-        if proximal:  # FedProx: the weights set by set_weights anchor the proximal term mu/2 ||w - anchor||^2
-            self.anchors = [tf.Variable(self.model_weights[i].read_value(), name=f"anchor_{i:03d}")
-                            for i in self._trainable]
-            self.proximal_mu = tf.Variable(0.0, name="proximal_mu")
+        self._metric_names = metric_variable_names(track_accuracy)
         self.metrics = {name: tf.Variable(0.0, name=name) for name in self._metric_names}
-        self._logits_node = self._find_logits_node()
-        mask_spec = tf.TensorSpec([x_spec.shape[0]], tf.float32, name="mask")
-        weight_specs = [tf.TensorSpec(w.shape, w.dtype, name=weight_key(i)) for i, w in enumerate(self.model_weights)]
-        self.signature_functions = {
-            "train": _signature(self._train, input_signature=[x_spec, y_spec, mask_spec]),
-            "evaluate": _signature(self._evaluate, input_signature=[x_spec, y_spec, mask_spec]),
-            "forward": _signature(self._predict, input_signature=[x_spec]),
-            "report_metrics": _signature(self._report_metrics, input_signature=[]),
-            "reset_metrics": _signature(self._reset_metrics, input_signature=[]),
-            "get_weights": _signature(self._get_weights, input_signature=[]),
-            "set_weights": _signature(self._set_weights, input_signature=weight_specs),
-            "set_learning_rate": _signature(self._set_learning_rate, input_signature=[
-                tf.TensorSpec([], tf.float32, name="learning_rate")]),
-            "reset_optimizer": _signature(self._reset_optimizer, input_signature=[]),
-        }
-        if proximal:
-            self.signature_functions["set_proximal_mu"] = _signature(self._set_proximal_mu, input_signature=[
-                tf.TensorSpec([], tf.float32, name="proximal_mu")])
+        self._logits_node = find_logits_node(graph, loss)
 
     @property
     def metric_names(self) -> list[str]:
         return list(self._metric_names)
-
-    def _find_logits_node(self) -> Node | None:
-        """The final softmax/sigmoid node whose input Keras would use as logits, if any."""
-        if self._loss.name not in CROSS_ENTROPIES or not self._graph.nodes:
-            return None
-        last = self._graph.nodes[self._graph.output - 1]
-        if isinstance(last.lowering, ActivationLowering) and last.lowering.name in LOGIT_ACTIVATIONS:
-            return last
-        return None
 
     def _run_forward(self, x: tf.Tensor, mask: tf.Tensor, training: bool):
         ctx = ForwardContext(training=training, mask=mask)
@@ -142,12 +112,7 @@ class TrainableModule(tf.Module):
         weight_grads = self._backward(caches, weights, d_loss_input)
         for index, value in ctx.updates:
             self.model_weights[index].assign(value)
-        grads = [weight_grads.get(i, tf.zeros_like(weights[i])) for i in self._trainable]
-        if self._proximal:
-            mu = self.proximal_mu.read_value()
-            grads = [grad + mu * (weights[i] - anchor) for grad, i, anchor in zip(grads, self._trainable, self.anchors)]
-        self.optimizer.apply([self.model_weights[i] for i in self._trainable], [weights[i] for i in self._trainable],
-                             grads)
+        self.apply_gradients(weights, weight_grads)
         self._accumulate_metrics(values, y, mask, per_example)
         return {"loss": loss}
 
@@ -162,34 +127,9 @@ class TrainableModule(tf.Module):
         values, _, _, _ = self._run_forward(x, tf.ones([x.shape[0]]), training=False)
         return {"output": values[self._graph.output]}
 
-    def _report_metrics(self):
+    def metric_values(self) -> dict[str, tf.Tensor]:
         return {name: variable.read_value() for name, variable in self.metrics.items()}
 
-    def _reset_metrics(self):
-        report = {name: tf.identity(variable.read_value()) for name, variable in self.metrics.items()}
+    def zero_metrics(self) -> None:
         for variable in self.metrics.values():
             variable.assign(0.0)
-        return report
-
-    def _get_weights(self):
-        return {weight_key(i): variable.read_value() for i, variable in enumerate(self.model_weights)}
-
-    def _set_weights(self, *weights):
-        for variable, value in zip(self.model_weights, weights):
-            variable.assign(value)
-        if self._proximal:
-            for anchor, i in zip(self.anchors, self._trainable):
-                anchor.assign(weights[i])
-        return {"num_weights": tf.constant(len(weights), tf.int32)}
-
-    def _set_learning_rate(self, learning_rate):
-        self.optimizer.learning_rate.assign(learning_rate)
-        return {"learning_rate": self.optimizer.learning_rate.read_value()}
-
-    def _set_proximal_mu(self, proximal_mu):
-        self.proximal_mu.assign(proximal_mu)
-        return {"proximal_mu": self.proximal_mu.read_value()}
-
-    def _reset_optimizer(self):
-        self.optimizer.reset()
-        return {"iterations": self.optimizer.iterations.read_value()}

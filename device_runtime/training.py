@@ -36,11 +36,13 @@ class LocalResult:
 def train_locally(model: TrainableModel, data: Any, *, epochs: int = 1, shuffle_seed: int | None = None,
                   max_steps: int | None = None, max_seconds: float | None = None,
                   learning_rate: float | None = None, initial_weights: Sequence[Any] | None = None,
-                  reset_optimizer: bool = True) -> LocalResult:
+                  reset_optimizer: bool = True, proximal_mu: float | None = None) -> LocalResult:
     """Train `model` on `data` (anything load_local_data accepts) and return the weight delta and metrics.
 
     Epoch e is shuffled with seed `shuffle_seed + e` (no shuffling when None). The budgets are
-    checked between steps. `initial_weights` and `learning_rate`, when given, stay set on the model.
+    checked between steps. `initial_weights`, `learning_rate` and FedProx's `proximal_mu` (artifacts
+    converted with proximal=True; anchored at the weights last set, e.g. `initial_weights`), when
+    given, stay set on the model.
     Data is checked before any step; if a stream's later batch is bad, or anything else fails
     mid-run, the weights are restored to those at the start and the error is raised.
     """
@@ -60,6 +62,8 @@ def train_locally(model: TrainableModel, data: Any, *, epochs: int = 1, shuffle_
         model.set_weights(initial_weights)
     if learning_rate is not None:
         model.set_learning_rate(learning_rate)
+    if proximal_mu is not None:
+        model.set_proximal_mu(proximal_mu)
     if reset_optimizer:
         model.reset_optimizer()
     model.reset_metrics()

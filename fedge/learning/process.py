@@ -1,0 +1,196 @@
+"""Federated learning processes in TFF's shape: FedAvg (with any server optimizer) and FedProx.
+
+A round is composed of TFF's four parts (its `compose_learning_process`), each replaceable:
+the distributor and the client work run in an Executor (global weights out, client updates
+back in client order), the aggregator is a streaming weighted mean of client deltas with
+sum-then-finalize metrics, and the finalizer is a server optimizer step. FedProx is FedAvg
+with a different client work (the proximal term); FedAdam, FedYogi, ... a different finalizer.
+
+Trainable weights move by the server optimizer's step on the weighted mean delta.
+Non-trainable weights (batch-norm moving statistics) become the weighted mean of the clients'
+final values, so batch norm's statistics follow the clients' data; TFF keeps them unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from converters import ConversionResult
+from device_runtime import TrainableModel
+from fedge.learning import optimizers
+from fedge.learning.aggregation import ClientWeighting, WeightedMean
+from fedge.learning.executors import Executor, TrainConfig, get_default_executor
+from fedge.learning.federated_data import client_arrays
+from fedge.learning.lowering import lower_model_fn
+from fedge.learning.metrics import sum_then_finalize
+from fedge.learning.state import LearningProcessState, ModelWeights
+from fedge.templates import IterativeProcess
+
+Metrics = dict[str, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ClientWork:
+    """What every client does in a round: local epochs, a step budget, FedProx's mu, the shuffle seed."""
+
+    epochs: int = 1
+    max_steps: int | None = None
+    proximal_mu: float | None = None
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        """Refuse values that would only fail later, inside a client."""
+        _check_int("client_epochs", self.epochs, 1)
+        if self.max_steps is not None:
+            _check_int("max_client_steps", self.max_steps, 1)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0)
+        if self.proximal_mu is not None and not (isinstance(self.proximal_mu, (int, float))
+                                                 and math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
+            raise ValueError(f"proximal_strength must be a finite number >= 0, got {self.proximal_mu!r}")
+
+    def config(self, round_num: int) -> TrainConfig:
+        """The executor's configuration for one round."""
+        return TrainConfig(round_num, self.epochs, self.max_steps, self.proximal_mu, self.seed)
+
+
+class LearningProcess(IterativeProcess):
+    """An IterativeProcess over LearningProcessState whose `next(state, federated_data)` runs one round.
+
+    `artifact` is the trainable .tflite every client runs (what devices get); `next` returns
+    (state, metrics) with metrics in TFF's structure: distributor, client_work, aggregator, finalizer.
+    """
+
+    def __init__(self, artifact: ConversionResult, metric_finalizers: dict[str, list[str]], client_work: ClientWork,
+                 client_weighting: ClientWeighting, server_optimizer: optimizers.ServerOptimizer,
+                 executor: Executor | None) -> None:
+        """Compose a process from its parts; `executor` None uses the default executor at each round."""
+        if not isinstance(client_weighting, ClientWeighting):
+            raise TypeError(f"client_weighting must be a ClientWeighting, got {client_weighting!r}")
+        if not isinstance(server_optimizer, optimizers.ServerOptimizer):
+            raise TypeError(f"server_optimizer_fn must return a fedge.learning.optimizers optimizer, "
+                            f"got {type(server_optimizer).__name__}")
+        super().__init__(self._initialize, self._next)
+        self._artifact = artifact
+        self._finalizers = metric_finalizers
+        self._client_work = client_work
+        self._weighting = client_weighting
+        self._server_optimizer = server_optimizer
+        self._executor = executor
+        initial = TrainableModel(artifact.tflite_bytes, num_threads=1).get_weights()
+        self._initial_weights = ModelWeights.from_list(artifact.manifest, initial)
+
+    @property
+    def artifact(self) -> ConversionResult:
+        """The trainable artifact (bytes and manifest) every client runs."""
+        return self._artifact
+
+    def get_model_weights(self, state: LearningProcessState) -> ModelWeights:
+        """The global model weights of `state`."""
+        return state.global_model_weights
+
+    def set_model_weights(self, state: LearningProcessState, model_weights: ModelWeights) -> LearningProcessState:
+        """`state` with other global model weights (shapes checked against the artifact)."""
+        return replace(state, global_model_weights=model_weights.for_manifest(self._artifact.manifest))
+
+    def _initialize(self) -> LearningProcessState:
+        """Round 0: (copies of) the model's initial weights and a fresh server optimizer state."""
+        initial = self._initial_weights
+        weights = ModelWeights([w.copy() for w in initial.trainable], [w.copy() for w in initial.non_trainable],
+                               initial.trainable_mask)
+        return LearningProcessState(weights, self._server_optimizer.initialize(weights.trainable), 0)
+
+    def _next(self, state: LearningProcessState,
+              federated_data: Iterable[Any]) -> tuple[LearningProcessState, Metrics]:
+        """One round: every client checked, then trained in the executor; deltas aggregated; server step."""
+        manifest = self._artifact.manifest
+        clients = client_arrays(federated_data, manifest)
+        weights = state.global_model_weights.for_manifest(manifest)
+        self._check_optimizer_state(state)
+        executor = self._executor if self._executor is not None else get_default_executor()
+        mean, train_metrics = WeightedMean(), sum_then_finalize(self._finalizers)
+        bytes_down = bytes_up = 0
+        for update in executor.train(self._artifact.tflite_bytes, weights.to_list(), clients,
+                                     self._client_work.config(state.round_num)):
+            mean.add(update.delta, self._weighting.weight(update.num_examples))
+            train_metrics.add(update.metrics)
+            bytes_down += update.bytes_down
+            bytes_up += update.bytes_up
+        new_weights, optimizer_state, update_norm = self._finalize(state, weights, mean.mean())
+        metrics = {
+            "distributor": {"bytes_down": bytes_down},
+            "client_work": {"train": train_metrics.result()},
+            "aggregator": {"num_clients": mean.num_clients, "bytes_up": bytes_up,
+                           "mean_weight": mean.total_weight / mean.num_clients if mean.num_clients else 0.0},
+            "finalizer": {"update_norm": update_norm},
+        }
+        return LearningProcessState(new_weights, optimizer_state, state.round_num + 1), metrics
+
+    def _check_optimizer_state(self, state: LearningProcessState) -> None:
+        """ValueError if `state` holds another optimizer's slots (e.g. a state saved by another process)."""
+        needed = sorted(self._server_optimizer.initialize([]))
+        if sorted(state.server_optimizer_state) != needed:
+            raise ValueError(f"the state's server optimizer state has slots {sorted(state.server_optimizer_state)}; "
+                             f"{type(self._server_optimizer).__name__} needs {needed}")
+
+    def _finalize(self, state: LearningProcessState, weights: ModelWeights,
+                  mean_delta: list[np.ndarray] | None) -> tuple[ModelWeights, dict[str, list[np.ndarray]], float]:
+        """The server step: (new weights, optimizer state, L2 norm of the mean trainable delta); no-op without deltas."""
+        if mean_delta is None:
+            return weights, state.server_optimizer_state, 0.0
+        delta = ModelWeights.from_list(self._artifact.manifest, mean_delta)
+        optimizer_state, trainable = self._server_optimizer.apply(state.server_optimizer_state, weights.trainable,
+                                                                  delta.trainable)
+        non_trainable = [w + d for w, d in zip(weights.non_trainable, delta.non_trainable)]
+        norm = math.sqrt(sum(float(np.sum(np.square(d, dtype=np.float64))) for d in delta.trainable))
+        return ModelWeights(trainable, non_trainable, weights.trainable_mask), optimizer_state, norm
+
+
+def build_federated_averaging_process(
+        model_fn: Callable[[], Any], client_optimizer_fn: Callable[[], Any],
+        server_optimizer_fn: Callable[[], optimizers.ServerOptimizer] = lambda: optimizers.SGD(1.0),
+        client_weighting: ClientWeighting = ClientWeighting.NUM_EXAMPLES, *, batch_size: int | None = None,
+        client_epochs: int = 1, max_client_steps: int | None = None, executor: Executor | None = None,
+        seed: int | None = 0) -> LearningProcess:
+    """FedAvg (McMahan et al., 2017), with FedAvgM/FedAdam/FedYogi/FedAdagrad through `server_optimizer_fn`.
+
+    `model_fn` is called once and lowered with `client_optimizer_fn()` (a Keras optimizer) at
+    `batch_size` (else the model's batch_size_hint). `seed` derives each client's shuffle seed
+    per round; None trains on every client's examples in their given order.
+    """
+    return _build(model_fn, client_optimizer_fn, server_optimizer_fn, client_weighting, batch_size,
+                  ClientWork(client_epochs, max_client_steps, None, seed), executor)
+
+
+def build_weighted_fed_prox(
+        model_fn: Callable[[], Any], proximal_strength: float, client_optimizer_fn: Callable[[], Any],
+        server_optimizer_fn: Callable[[], optimizers.ServerOptimizer] = lambda: optimizers.SGD(1.0),
+        client_weighting: ClientWeighting = ClientWeighting.NUM_EXAMPLES, *, batch_size: int | None = None,
+        client_epochs: int = 1, max_client_steps: int | None = None, executor: Executor | None = None,
+        seed: int | None = 0) -> LearningProcess:
+    """FedProx (Li et al., 2020): FedAvg whose clients add mu/2 * ||w - w_global||^2 to their loss.
+
+    The artifact is converted with the proximal term (docs/artifact.md, FedProx); mu = 0 is FedAvg.
+    """
+    return _build(model_fn, client_optimizer_fn, server_optimizer_fn, client_weighting, batch_size,
+                  ClientWork(client_epochs, max_client_steps, proximal_strength, seed), executor)
+
+
+def _build(model_fn: Callable[[], Any], client_optimizer_fn: Callable[[], Any],
+           server_optimizer_fn: Callable[[], optimizers.ServerOptimizer], client_weighting: ClientWeighting,
+           batch_size: int | None, client_work: ClientWork, executor: Executor | None) -> LearningProcess:
+    """Lower the model once and compose the process."""
+    lowered = lower_model_fn(model_fn, batch_size, client_optimizer_fn(), proximal=client_work.proximal_mu is not None)
+    return LearningProcess(lowered.artifact, lowered.metric_finalizers, client_work, client_weighting,
+                           server_optimizer_fn(), executor)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    """ValueError unless `value` is an int >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
