@@ -78,6 +78,25 @@ class _QuietRetryFilter(logging.Filter):
         return True
 
 
+def new_client(broker: BrokerAddress, client_id: str, *, will: tuple[str, bytes], username: str | None = None,
+               password: str | None = None, tls_files: TlsFiles | None = None) -> mqtt.Client:
+    """A paho-mqtt v2 client as a device uses it: MQTT 3.1.1, persistent session, retained QoS 1 last will, TLS."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                         clean_session=False, protocol=mqtt.MQTTv311)
+    paho_logger = logging.getLogger("device_runtime.paho")
+    if not any(isinstance(f, _QuietRetryFilter) for f in paho_logger.filters):
+        paho_logger.addFilter(_QuietRetryFilter())
+    client.enable_logger(paho_logger)
+    client.will_set(will[0], will[1], qos=1, retain=True)
+    if username is not None:
+        client.username_pw_set(username, password)
+    if broker.tls or tls_files is not None:
+        files = tls_files or TlsFiles()
+        files.check()
+        client.tls_set(ca_certs=files.ca, certfile=files.cert, keyfile=files.key)
+    return client
+
+
 class MqttConnection:
     """A paho-mqtt v2 client with a persistent session, a last will and reconnects with back-off."""
 
@@ -103,20 +122,9 @@ class MqttConnection:
         self.connected = threading.Event()
         self._acks: OrderedDict[int, None] = OrderedDict()
         self._ack_condition = threading.Condition()
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                             clean_session=False, protocol=mqtt.MQTTv311)
-        paho_logger = logging.getLogger("device_runtime.paho")
-        if not any(isinstance(f, _QuietRetryFilter) for f in paho_logger.filters):
-            paho_logger.addFilter(_QuietRetryFilter())
-        client.enable_logger(paho_logger)
+        client = new_client(broker, client_id, will=will, username=username, password=password,
+                            tls_files=tls_files)
         client.reconnect_delay_set(RECONNECT_MIN_DELAY_S, RECONNECT_MAX_DELAY_S)
-        client.will_set(will[0], will[1], qos=1, retain=True)
-        if username is not None:
-            client.username_pw_set(username, password)
-        if broker.tls or tls_files is not None:
-            files = tls_files or TlsFiles()
-            files.check()
-            client.tls_set(ca_certs=files.ca, certfile=files.cert, keyfile=files.key)
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_connect_fail = self._handle_connect_fail

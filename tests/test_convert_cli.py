@@ -21,6 +21,7 @@ SIGNATURES = {"train", "evaluate", "forward", "report_metrics", "reset_metrics",
 
 def mcmahan_cnn() -> keras.Model:
     """The MNIST CNN of McMahan et al. 2017 (1,663,370 parameters)."""
+    keras.utils.set_random_seed(0)
     layers = keras.layers
     return keras.Sequential([
         keras.Input((28, 28, 1)),
@@ -32,6 +33,7 @@ def mcmahan_cnn() -> keras.Model:
 
 def mobilenet_style() -> keras.Model:
     """A MobileNetV2-style block: strided conv, depthwise conv, batch norm, relu6, residual add."""
+    keras.utils.set_random_seed(0)
     layers = keras.layers
     inputs = keras.Input((16, 16, 3))
     x = layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False)(inputs)
@@ -60,9 +62,9 @@ def assert_trains(path: Path, seed: int) -> None:
     rng = np.random.default_rng(seed)
     x = rng.random((model.batch_size, *spec["shape"]), dtype=np.float32)
     y = rng.integers(0, 10, model.batch_size).astype(np.int32)
-    losses = [model.train_batch(x, y) for _ in range(15)]
+    losses = [model.train_batch(x, y) for _ in range(25)]
     assert np.all(np.isfinite(losses))
-    assert losses[-1] < 0.8 * losses[0], losses
+    assert losses[-1] < 0.7 * losses[0], losses
 
 
 def test_mcmahan_cnn_converts_builtin_only_and_trains(tmp_path, capsys):

@@ -9,7 +9,6 @@ import pwd
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from device_artifacts import artifact_path
+from fedge.broker import accepts, find_mosquitto, free_port
 from device_runtime.agent import DeviceAgent, device_shuffle_seed
 from device_runtime.artifact import read_manifest
 from device_runtime.cli import main as cli_main
@@ -327,10 +327,7 @@ class PrivateBroker:
     """A mosquitto of this test alone, with on-disk persistence, that can be stopped and restarted on its port."""
 
     def __init__(self, workdir: Path, extra_config: str = "allow_anonymous true\n") -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.host = "127.0.0.1"
+        self.host, self.port = "127.0.0.1", free_port()
         (workdir / "db").mkdir()
         self.config = workdir / "mosquitto.conf"
         # Run as the current user: as root, mosquitto would switch to user 'mosquitto', who cannot write here.
@@ -341,9 +338,9 @@ class PrivateBroker:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen([binary, "-c", str(self.config)], stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen([find_mosquitto(), "-c", str(self.config)], stdout=log,
+                                            stderr=subprocess.STDOUT)
         wait_until(self._accepts, f"mosquitto on port {self.port} (log: {self.log})")
 
     def stop(self) -> None:
@@ -354,11 +351,7 @@ class PrivateBroker:
     def _accepts(self) -> bool:
         if self.process.poll() is not None:
             pytest.fail(f"mosquitto exited with {self.process.returncode}: {self.log.read_text()}")
-        try:
-            with socket.create_connection((self.host, self.port), timeout=0.5):
-                return True
-        except OSError:
-            return False
+        return accepts(self.host, self.port)
 
 
 @pytest.fixture

@@ -1,0 +1,47 @@
+"""A device's round rules, independent of how it is driven: whether to train a task, the time budget, checks, the update.
+
+The MQTT device agent and the fleet simulator's emulated devices follow the same rules.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Container
+
+from device_runtime.artifact import ArtifactError, verify_content_hash
+from device_runtime.protocol import ModelUpdate, Task, encode_update, is_selected
+from device_runtime.protocol.topics import hash_hex
+from device_runtime.training import LocalResult
+
+
+def skip_reason(task: Task, device_id: str, started_rounds: Container[int], now: float) -> str | None:
+    """Why `device_id` should not train `task` at unix time `now`, or None if it should."""
+    if task.round in started_rounds:
+        return "already trained (or training) this round"
+    if not is_selected(task, device_id):
+        return "this device is not selected"
+    if task.deadline <= now:
+        return f"deadline passed {now - task.deadline:.1f} s ago"
+    return None
+
+
+def training_budget(task: Task, now: float) -> float:
+    """Seconds of training the task allows from `now`: its max_seconds capped by the time left to the deadline."""
+    time_left = task.deadline - now
+    return max(0.0, time_left if task.max_seconds is None else min(task.max_seconds, time_left))
+
+
+def checked_model(payload: bytes, task: Task) -> bytes:
+    """The artifact fetched for `task` if its content hash verifies and is the one the task names; ArtifactError otherwise."""
+    actual = verify_content_hash(payload)
+    if hash_hex(actual) != hash_hex(task.model_hash):
+        raise ArtifactError(f"the task names {task.model_hash} but the artifact's content hash is {actual}")
+    return payload
+
+
+def round_update(fleet: str, device_id: str, task: Task, result: LocalResult) -> tuple[ModelUpdate, bytes]:
+    """The update of one trained round (with a fresh update id) and its payload in the task's encoding."""
+    update = ModelUpdate(fleet=fleet, round=task.round, device_id=device_id, update_id=uuid.uuid4().hex,
+                         model_hash=task.model_hash, num_examples=result.num_examples, metrics=result.metrics,
+                         tensors=result.delta)
+    return update, encode_update(update, task.encoding, task.topk)
