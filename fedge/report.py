@@ -1,0 +1,99 @@
+"""The report folder of a simulation: per-round plots, the metrics file and the final model.
+
+Writes `metrics.jsonl` (one JSON object per round), `accuracy_loss.png`, `round_durations.png`,
+`participation.png`, `final_model.keras` (the trained Keras model) and `final_model.tflite`
+(a plain inference model, builtin ops, for deployment without the training signatures).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROUND_FIELDS = ("round", "seconds", "selected", "accepted", "dropped", "bytes_up", "bytes_down",
+                "train_loss", "train_accuracy", "eval_loss", "eval_accuracy")
+
+
+def write_metrics(path: Path, rounds: Sequence[dict[str, Any]]) -> Path:
+    """One JSON line per round."""
+    with open(path, "w") as out:
+        for record in rounds:
+            out.write(json.dumps(record, sort_keys=True) + "\n")
+    return path
+
+
+def _series(rounds: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["round"], r[key]) for r in rounds if r.get(key) is not None]
+    return [p[0] for p in points], [float(p[1]) for p in points]
+
+
+def plot_rounds(out_dir: Path, rounds: Sequence[dict[str, Any]]) -> list[Path]:
+    """Accuracy and loss per round, round durations, and participation (selected/accepted/dropped)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    figure, (accuracy_axis, loss_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("train_accuracy", "train (clients)"), ("eval_accuracy", "held-out")):
+        accuracy_axis.plot(*_series(rounds, key), marker="o", markersize=3, label=label)
+    for key, label in (("train_loss", "train (clients)"), ("eval_loss", "held-out")):
+        loss_axis.plot(*_series(rounds, key), marker="o", markersize=3, label=label)
+    accuracy_axis.set(title="accuracy", xlabel="round", ylim=(0, 1))
+    loss_axis.set(title="loss", xlabel="round")
+    for axis in (accuracy_axis, loss_axis):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    written.append(_save(figure, out_dir / "accuracy_loss.png"))
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.bar(*_series(rounds, "seconds"), color="tab:gray")
+    axis.set(title="round duration", xlabel="round", ylabel="seconds")
+    written.append(_save(figure, out_dir / "round_durations.png"))
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    numbers = [r["round"] for r in rounds]
+    dropped = [sum((r.get("dropped") or {}).values()) for r in rounds]
+    axis.plot(numbers, [r.get("selected", 0) for r in rounds], marker="o", markersize=3, label="selected")
+    axis.plot(numbers, [r.get("accepted", 0) for r in rounds], marker="o", markersize=3, label="reports accepted")
+    axis.bar(numbers, dropped, color="tab:red", alpha=0.5, label="reports dropped")
+    axis.set(title="participation", xlabel="round", ylabel="devices")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    written.append(_save(figure, out_dir / "participation.png"))
+    plt.close("all")
+    return written
+
+
+def _save(figure: Any, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def save_final_model(out_dir: Path, keras_model: Any, weights: Sequence[np.ndarray]) -> tuple[Path, Path]:
+    """The trained model as `.keras` and as an inference-only `.tflite` (builtin ops)."""
+    import tensorflow as tf
+
+    keras_model.set_weights(list(weights))
+    keras_path = out_dir / "final_model.keras"
+    keras_model.save(keras_path)
+    converter = tf.lite.TFLiteConverter.from_keras_model(keras_model)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    tflite_path = out_dir / "final_model.tflite"
+    tflite_path.write_bytes(converter.convert())
+    return keras_path, tflite_path
+
+
+def write_report(out_dir: str | Path, rounds: Sequence[dict[str, Any]], keras_model: Any,
+                 weights: Sequence[np.ndarray]) -> list[Path]:
+    """Everything at once; returns the files written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return [write_metrics(out / "metrics.jsonl", rounds), *plot_rounds(out, rounds),
+            *save_final_model(out, keras_model, weights)]

@@ -1,0 +1,40 @@
+"""The simulation report: plots, metrics file and the final model in both formats."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+
+from device_runtime.interpreter import load_interpreter
+from fedge.report import write_report
+
+
+def test_report_folder_has_plots_metrics_and_a_deployable_model(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    weights = [w.numpy() + 0.5 for w in model.weights]
+    rounds = [{"round": r, "seconds": 1.0 + r, "selected": 13, "accepted": 10, "dropped": {"late": r % 2},
+               "bytes_up": 1000, "bytes_down": 2000, "train_loss": 1.0 / r, "train_accuracy": 0.5 + r / 20,
+               "eval_loss": None if r == 1 else 1.2 / r, "eval_accuracy": None if r == 1 else 0.4 + r / 20}
+              for r in range(1, 6)]
+    written = write_report(tmp_path / "report", rounds, model, weights)
+
+    names = {path.name for path in written}
+    assert names == {"metrics.jsonl", "accuracy_loss.png", "round_durations.png", "participation.png",
+                     "final_model.keras", "final_model.tflite"}
+    for path in written:
+        if path.suffix == ".png":
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    lines = (tmp_path / "report" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1, 2, 3, 4, 5]
+
+    reloaded = keras.models.load_model(tmp_path / "report" / "final_model.keras")
+    for got, want in zip(reloaded.get_weights(), weights, strict=True):
+        np.testing.assert_array_equal(got, want)
+    interpreter = load_interpreter((tmp_path / "report" / "final_model.tflite").read_bytes())
+    runner = interpreter.get_signature_runner()
+    x = np.random.default_rng(0).normal(size=(1, 4)).astype(np.float32)
+    (output,) = runner(**{runner.get_input_details().popitem()[0]: x}).values()
+    np.testing.assert_allclose(output, reloaded(x).numpy(), rtol=1e-5, atol=1e-6)
