@@ -45,11 +45,12 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))  # convert_and_train.digits_cnn / digits_split
 
 import numpy as np  # noqa: E402
 
-from train_step import _PEAK_RSS, mcmahan_cnn  # noqa: E402  (bench/ is sys.path[0])
+from train_step import _PEAK_RSS  # noqa: E402  (bench/ is sys.path[0])
+
+from fedge.simulation.models import mnist_cnn  # noqa: E402
 
 MIB = 1024 * 1024
 FLEET = "bench"
@@ -359,7 +360,8 @@ def federated_accuracy(rounds: int, clients: int, alpha: float, seed: int, local
     """FedAvg on digits with each update encoded and decoded; test accuracy per round, per local-epoch
     count and encoding, all from the same initial weights, client split and shuffling seeds."""
     import keras
-    from convert_and_train import digits_cnn, digits_split
+    from fedge.simulation.datasets.digits import train_test_arrays
+    from fedge.simulation.models import digits_cnn
 
     from converters import convert_keras_model
     from device_runtime import TrainableModel, finalize_metrics
@@ -368,7 +370,7 @@ def federated_accuracy(rounds: int, clients: int, alpha: float, seed: int, local
 
     batch_size = 16
     keras.utils.set_random_seed(seed)
-    x_train, y_train, x_test, y_test = digits_split(seed)
+    x_train, y_train, x_test, y_test = train_test_arrays(seed=seed)
     converted = convert_keras_model(digits_cnn(), loss="sparse_categorical_crossentropy",
                                     optimizer=keras.optimizers.SGD(learning_rate=0.1, momentum=0.9),
                                     batch_size=batch_size, metrics=["accuracy"])
@@ -450,7 +452,7 @@ def main() -> None:
         else:
             install_s = install_device_venv(device_venv, workdir)
         sizes = report["install"] = measure_install(device_venv, args.desktop_venv)
-        print(f"# 1. installed size (site-packages, without pip/setuptools; bytecode caches left out)"
+        print("# 1. installed size (site-packages, without pip/setuptools; bytecode caches left out)"
               + (f"; device install took {install_s:.1f} s" if install_s is not None else ""))
         print(f"{'install':44s} {'MiB':>9s} {'device / this':>14s}")
         for label, key in ((f"device extra ({device_venv.name})", "device_mib"),
@@ -466,7 +468,7 @@ def main() -> None:
         from converters import convert_keras_model
 
         keras.utils.set_random_seed(args.seed)
-        cnn = mcmahan_cnn()
+        cnn = mnist_cnn()
         converted = convert_keras_model(cnn, loss="sparse_categorical_crossentropy",
                                         optimizer=keras.optimizers.SGD(0.01), batch_size=10)
         cnn.compile(optimizer=keras.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy")

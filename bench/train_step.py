@@ -21,6 +21,8 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from fedge.simulation.models import mnist_cnn  # noqa: E402
+
 # VmHWM is this process's own peak RSS (ru_maxrss would include the parent's, copied at fork).
 _PEAK_RSS = """
 def _peak_rss_kb():
@@ -53,19 +55,6 @@ for _ in range(int(sys.argv[2])):
     model.train_on_batch(x, y)
 print("tensorflow" in sys.modules, _peak_rss_kb())
 """
-
-
-def mcmahan_cnn():
-    """The MNIST CNN of McMahan et al. 2017: 1,663,370 parameters."""
-    import keras
-
-    layers = keras.layers
-    return keras.Sequential([
-        keras.Input((28, 28, 1)),
-        layers.Conv2D(32, 5, padding="same", activation="relu"), layers.MaxPooling2D(2),
-        layers.Conv2D(64, 5, padding="same", activation="relu"), layers.MaxPooling2D(2),
-        layers.Flatten(), layers.Dense(512, activation="relu"), layers.Dense(10, activation="softmax"),
-    ], name="mcmahan_cnn")
 
 
 def small_mlp():
@@ -139,7 +128,7 @@ def main() -> None:
     print(f"{'model':12s} {'params':>10s} {'batch':>5s} {'threads':>7s} {'LiteRT ms':>10s} {'Keras ms':>9s} "
           f"{'ratio':>6s}")
     with tempfile.TemporaryDirectory() as directory:
-        rows = [row for build, b in ((mcmahan_cnn, 10), (mcmahan_cnn, 32), (small_mlp, 10), (small_mlp, 32))
+        rows = [row for build, b in ((mnist_cnn, 10), (mnist_cnn, 32), (small_mlp, 10), (small_mlp, 32))
                 for row in time_pairs(build, b, args.steps, args.threads, Path(directory))]
         for row in rows:
             print(f"{row['model']:12s} {row['params']:>10,d} {row['batch']:>5d} {row['threads']:>7d} "

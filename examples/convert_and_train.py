@@ -17,35 +17,11 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-
 from converters import convert_keras_model  # noqa: E402
 from device_runtime import TrainableModel, iterate_batches  # noqa: E402
 from device_runtime.artifact import list_operators  # noqa: E402
-
-
-def digits_split(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Digits as [N, 8, 8, 1] float32 in [0, 1] and int32 labels; 80% train, 20% test."""
-    digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[..., None]
-    y = digits.target.astype(np.int32)
-    order = np.random.default_rng(seed).permutation(len(x))
-    cut = int(0.8 * len(x))
-    return x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]]
-
-
-def digits_cnn() -> keras.Model:
-    """A small CNN for 8x8 digits."""
-    layers = keras.layers
-    return keras.Sequential([
-        keras.Input((8, 8, 1)),
-        layers.Conv2D(16, 3, padding="same", activation="relu"),
-        layers.MaxPooling2D(2),
-        layers.Conv2D(32, 3, padding="same", activation="relu"),
-        layers.GlobalAveragePooling2D(),
-        layers.Dense(10, activation="softmax"),
-    ], name="digits_cnn")
+from fedge.simulation.datasets.digits import train_test_arrays  # noqa: E402
+from fedge.simulation.models import digits_cnn  # noqa: E402
 
 
 def main() -> None:
@@ -57,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
 
     keras.utils.set_random_seed(args.seed)
-    x_train, y_train, x_test, y_test = digits_split(args.seed)
+    x_train, y_train, x_test, y_test = train_test_arrays(seed=args.seed)
     started = time.perf_counter()
     result = convert_keras_model(digits_cnn(), loss="sparse_categorical_crossentropy",
                                  optimizer=keras.optimizers.SGD(learning_rate=0.1, momentum=0.9),

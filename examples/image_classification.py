@@ -21,20 +21,13 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import fedge.learning  # noqa: E402
+from fedge.simulation import models  # noqa: E402
 from fedge.simulation.datasets import digits  # noqa: E402
 
 
 def create_keras_model() -> keras.Model:
     """A small CNN for 8x8 digits (5,130 parameters)."""
-    layers = keras.layers
-    return keras.Sequential([
-        keras.Input((8, 8, 1)),
-        layers.Conv2D(16, 3, padding="same", activation="relu"),
-        layers.MaxPooling2D(2),
-        layers.Conv2D(32, 3, padding="same", activation="relu"),
-        layers.GlobalAveragePooling2D(),
-        layers.Dense(10, activation="softmax"),
-    ])
+    return models.digits_cnn()
 
 
 def model_fn() -> fedge.learning.Model:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -48,6 +49,12 @@ def accepts(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def _raise_open_file_limit() -> None:
+    """Let the broker hold one socket per device of a large fleet (the soft limit is often 1,024)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class EmbeddedBroker:
@@ -98,7 +105,8 @@ class EmbeddedBroker:
         config.write_text(f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n"
                           f"log_dest stderr\n{self._extra_config}")
         with open(workdir / "mosquitto.log", "wb") as log:
-            self._process = subprocess.Popen([self._binary, "-c", str(config)], stdout=log, stderr=subprocess.STDOUT)
+            self._process = subprocess.Popen([self._binary, "-c", str(config)], stdout=log, stderr=subprocess.STDOUT,
+                                             preexec_fn=_raise_open_file_limit)
 
     def _start_amqtt(self) -> None:
         try:

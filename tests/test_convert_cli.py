@@ -14,21 +14,16 @@ import pytest
 from device_runtime import TrainableModel
 from device_runtime.artifact import ArtifactError, verify_content_hash
 from fedge.cli import main
+from fedge.simulation.models import mnist_cnn
 
 SIGNATURES = {"train", "evaluate", "forward", "report_metrics", "reset_metrics", "get_weights", "set_weights",
               "set_learning_rate", "reset_optimizer"}
 
 
 def mcmahan_cnn() -> keras.Model:
-    """The MNIST CNN of McMahan et al. 2017 (1,663,370 parameters)."""
+    """The MNIST CNN of McMahan et al. 2017 (1,663,370 parameters), seeded."""
     keras.utils.set_random_seed(0)
-    layers = keras.layers
-    return keras.Sequential([
-        keras.Input((28, 28, 1)),
-        layers.Conv2D(32, 5, padding="same", activation="relu"), layers.MaxPooling2D(2),
-        layers.Conv2D(64, 5, padding="same", activation="relu"), layers.MaxPooling2D(2),
-        layers.Flatten(), layers.Dense(512, activation="relu"), layers.Dense(10, activation="softmax"),
-    ], name="mcmahan_cnn")
+    return mnist_cnn()
 
 
 def mobilenet_style() -> keras.Model:

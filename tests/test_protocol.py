@@ -9,10 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import flatbuffers
 import numpy as np

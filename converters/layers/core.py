@@ -7,7 +7,7 @@ from typing import Any
 import tensorflow as tf
 
 from converters.activations import ACTIVATIONS
-from converters.layers.base import ForwardContext, Lowering, check_common_options, require
+from converters.layers.base import Lowering, check_common_options, require
 
 
 class DenseLowering(Lowering):

@@ -18,6 +18,17 @@ def load_arrays() -> tuple[np.ndarray, np.ndarray]:
     return (digits.images / 16.0).astype(np.float32)[..., None], digits.target.astype(np.int32)
 
 
+def train_test_arrays(test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_test, y_test): a seeded permutation, the first `1 - test_fraction` to train."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    x, y = load_arrays()
+    order = np.random.default_rng(seed).permutation(len(x))
+    cut = int((1 - test_fraction) * len(x))
+    train, test = order[:cut], order[cut:]
+    return x[train], y[train], x[test], y[test]
+
+
 def load_data(
     num_clients: int = 20,
     partition: str = "dirichlet",
@@ -35,12 +46,7 @@ def load_data(
     """
     if partition not in PARTITIONS:
         raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
-    x, y = load_arrays()
-    order = np.random.default_rng(seed).permutation(len(x))
-    cut = int((1 - test_fraction) * len(x))
-    train, test = order[:cut], order[cut:]
+    x_train, y_train, x_test, y_test = train_test_arrays(test_fraction, seed)
     split = getattr(_partition, partition)
     kwargs = {"alpha": alpha} if partition in ("dirichlet", "quantity_skew") else {}
-    return split(x[train], y[train], num_clients, seed=seed, **kwargs), ClientDataset(x[test], y[test])
+    return split(x_train, y_train, num_clients, seed=seed, **kwargs), ClientDataset(x_test, y_test)
