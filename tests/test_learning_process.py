@@ -250,6 +250,20 @@ def test_results_do_not_depend_on_worker_processes(fedavg: LearningProcess, inli
                               inline_state.global_model_weights.trainable[0])
 
 
+def test_shuffle_seeds_follow_client_ids_not_positions(fedavg: LearningProcess, inline: Executor):
+    (x0, y0), (x1, y1) = _clients((9, 14))
+    process = _variant(fedavg, inline, seed=3, epochs=2)
+    start = process.initialize()
+    named = [ClientDataset(x0, y0, client_id="a"), ClientDataset(x1, y1, client_id="b")]
+    forward, _ = process.next(start, named)
+    backward, _ = process.next(start, named[::-1])  # each client shuffles alike in either position
+    _assert_same_weights(forward.global_model_weights, backward.global_model_weights)
+    plain, _ = process.next(start, [(x0, y0), (x1, y1)])  # unnamed clients are named by position: "0", "1"
+    by_position, _ = process.next(start, [ClientDataset(x0, y0, client_id="0"), ClientDataset(x1, y1, client_id="1")])
+    _assert_same_weights(plain.global_model_weights, by_position.global_model_weights)
+    assert not np.array_equal(plain.global_model_weights.trainable[0], forward.global_model_weights.trainable[0])
+
+
 def test_worker_module_does_not_import_tensorflow():
     code = "import sys, fedge._client_worker; sys.exit('tensorflow' in sys.modules or 'keras' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}).returncode == 0

@@ -38,7 +38,7 @@ class WeightedMean:
         if self._sums is None:
             self._sums = [np.zeros(np.shape(d), dtype=np.float64) for d in delta]
         for total, d in zip(self._sums, delta, strict=True):
-            total += weight * np.asarray(d, dtype=np.float64)
+            total += np.multiply(d, weight, dtype=np.float64)  # one float64 temporary per weight
         self.total_weight += weight
 
     def mean(self) -> list[np.ndarray] | None:

@@ -9,7 +9,6 @@ import keras
 
 from converters import ConversionResult
 from fedge.learning.executors import Executor, get_default_executor
-from fedge.learning.federated_data import client_arrays
 from fedge.learning.lowering import lower_model_fn
 from fedge.learning.metrics import sum_then_finalize
 from fedge.learning.state import ModelWeights
@@ -33,9 +32,9 @@ class FederatedEvaluation:
     def __call__(self, model_weights: ModelWeights, federated_data: Iterable[Any]) -> dict[str, Any]:
         """Every client's metric sums of `model_weights`, summed over clients, then finalized."""
         manifest = self._artifact.manifest
-        clients = client_arrays(federated_data, manifest)
-        weights = model_weights.for_manifest(manifest).to_list()
         executor = self._executor if self._executor is not None else get_default_executor()
+        clients = executor.prepare(federated_data, manifest)
+        weights = model_weights.for_manifest(manifest).to_list()
         aggregator = sum_then_finalize(self._finalizers)
         num_clients = 0
         for metrics in executor.evaluate(self._artifact.tflite_bytes, weights, clients):

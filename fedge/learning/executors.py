@@ -1,10 +1,17 @@
 """Where client work runs: the Executor interface and the in-process executor.
 
-An executor is the distributor and transport of a federated process: it hands the artifact
-and the round's global weights to the clients, has them train (or evaluate) and yields their
-results in CLIENT ORDER, so aggregation never depends on which client finished first. The
-in-process executor runs each client through the same `.tflite` the devices run, with
-device_runtime, in parallel worker processes; an MQTT executor plugs into the same interface.
+An executor is the distributor and transport of a federated process: it turns the round's
+`federated_data` into its clients (`prepare`), hands the artifact and the round's global
+weights to them, has them train (or evaluate) and yields their results as they are accepted.
+The in-process executor runs each client through the same `.tflite` the devices run, with
+device_runtime, in parallel worker processes, and yields in CLIENT ORDER, so aggregation
+never depends on which client finished first; the MQTT executor (fedge.server) sends the
+round to devices and yields their updates as they arrive.
+
+Shuffle seeds are derived alike everywhere: a round seed from (process seed, round), then each
+client's seed from (round seed, client id) with the device agent's own `device_shuffle_seed`;
+the MQTT task carries the round seed. So the same clients, seeds and data train identically
+in-process and on devices.
 """
 
 from __future__ import annotations
@@ -18,31 +25,36 @@ import sys
 import tempfile
 import types
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
+from device_runtime.agent import device_shuffle_seed
 from device_runtime.artifact import read_manifest
 from device_runtime.interpreter import default_num_threads
 from device_runtime.protocol import decode_update, encode_weights
 from fedge._client_worker import SIMULATION_FLEET, ClientTask, client_id, evaluate_client, train_client
+from fedge.learning.federated_data import LocalClient, local_clients
 
-ClientArrays = tuple[np.ndarray, np.ndarray]
 _Result = TypeVar("_Result")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How clients train in one round; `seed` None trains on every client's examples in their order."""
+    """How clients train in one round; `seed` None trains in-process clients on their examples in order.
+
+    `learning_rate` None keeps the artifact's client learning rate.
+    """
 
     round_num: int
     epochs: int = 1
     max_steps: int | None = None
     proximal_mu: float | None = None
     seed: int | None = 0
+    learning_rate: float | None = None
 
 
 @dataclass
@@ -56,25 +68,49 @@ class ClientUpdate:
     bytes_up: int
 
 
-def client_shuffle_seed(seed: int | None, round_num: int, client_index: int) -> int | None:
-    """The shuffle seed of one client in one round, derived from (process seed, round, client index)."""
+class RoundFailedError(Exception):
+    """A round that cannot be aggregated (e.g. too few reports before the deadline); `report` says what happened."""
+
+    def __init__(self, message: str, report: Mapping[str, Any]) -> None:
+        """Keep the executor's round report (measurements, drop counters) for the round's metrics."""
+        super().__init__(message)
+        self.report = dict(report)
+
+
+def round_seed(seed: int | None, round_num: int) -> int | None:
+    """The seed of one round (what an MQTT task carries), a 63-bit integer derived from (process seed, round)."""
     if seed is None:
         return None
-    return int(np.random.SeedSequence([seed, round_num, client_index]).generate_state(1)[0])
+    return int(np.random.SeedSequence([seed, round_num]).generate_state(1, np.uint64)[0]) >> 1
+
+
+def client_shuffle_seed(seed: int | None, round_num: int, client_id: str) -> int | None:
+    """The shuffle seed of one client in one round: the device's derivation from the round seed and its id."""
+    task_seed = round_seed(seed, round_num)
+    return None if task_seed is None else device_shuffle_seed(task_seed, client_id)
 
 
 class Executor(abc.ABC):
-    """Runs client work; results come back in client order."""
+    """Runs client work: `prepare` the round's clients, then `train` or `evaluate` them.
+
+    `train` yields one ClientUpdate per accepted client and may return (as a generator's return
+    value) a dict of measurements that the process adds to the round's "distributor" metrics;
+    it raises RoundFailedError when the round cannot be aggregated.
+    """
+
+    def prepare(self, federated_data: Iterable[Any], manifest: Mapping[str, Any]) -> Sequence[Any]:
+        """The round's clients, checked before any trains: by default client datasets, checked against the manifest."""
+        return local_clients(federated_data, manifest)
 
     @abc.abstractmethod
-    def train(self, artifact: bytes, weights: Sequence[np.ndarray], clients: Sequence[ClientArrays],
+    def train(self, artifact: bytes, weights: Sequence[np.ndarray], clients: Sequence[Any],
               config: TrainConfig) -> Iterator[ClientUpdate]:
-        """Each client trains from `weights` (every weight, manifest order) on its checked (x, y)."""
+        """Each prepared client trains from `weights` (every weight, manifest order)."""
 
     @abc.abstractmethod
     def evaluate(self, artifact: bytes, weights: Sequence[np.ndarray],
-                 clients: Sequence[ClientArrays]) -> Iterator[dict[str, float]]:
-        """Each client's unfinalized metrics of `weights` on its checked (x, y)."""
+                 clients: Sequence[Any]) -> Iterator[dict[str, float]]:
+        """Each prepared client's unfinalized metrics of `weights`."""
 
 
 class InProcessExecutor(Executor):
@@ -97,23 +133,25 @@ class InProcessExecutor(Executor):
         self._folder = tempfile.TemporaryDirectory(prefix="fedge-executor-")
         self._pool: Any = None
 
-    def train(self, artifact: bytes, weights: Sequence[np.ndarray], clients: Sequence[ClientArrays],
+    def train(self, artifact: bytes, weights: Sequence[np.ndarray], clients: Sequence[LocalClient],
               config: TrainConfig) -> Iterator[ClientUpdate]:
         """Train every client in parallel; yield their decoded updates in client order."""
         with self._distributed(artifact, weights, config.round_num) as (manifest, artifact_path, weights_path, size):
-            tasks = (ClientTask(artifact_path, weights_path, index, config.round_num, x, y, config.epochs,
-                                config.max_steps, client_shuffle_seed(config.seed, config.round_num, index),
-                                config.proximal_mu)
-                     for index, (x, y) in enumerate(clients))
+            tasks = (ClientTask(artifact_path, weights_path, index, config.round_num, client.x, client.y,
+                                config.epochs, config.max_steps,
+                                client_shuffle_seed(config.seed, config.round_num, client.client_id),
+                                config.proximal_mu, config.learning_rate)
+                     for index, client in enumerate(clients))
             for index, payload in enumerate(self._ordered(train_client, tasks)):
                 update = decode_update(payload, manifest, fleet=SIMULATION_FLEET, device_id=client_id(index))
                 yield ClientUpdate(update.tensors, update.num_examples, update.metrics, size, len(payload))
 
     def evaluate(self, artifact: bytes, weights: Sequence[np.ndarray],
-                 clients: Sequence[ClientArrays]) -> Iterator[dict[str, float]]:
+                 clients: Sequence[LocalClient]) -> Iterator[dict[str, float]]:
         """Evaluate every client in parallel; yield their unfinalized metrics in client order."""
         with self._distributed(artifact, weights, 0) as (_, artifact_path, weights_path, _):
-            tasks = (ClientTask(artifact_path, weights_path, index, 0, x, y) for index, (x, y) in enumerate(clients))
+            tasks = (ClientTask(artifact_path, weights_path, index, 0, client.x, client.y)
+                     for index, client in enumerate(clients))
             yield from self._ordered(evaluate_client, tasks)
 
     def close(self) -> None:

@@ -4,38 +4,54 @@ Each client may be a numpy `(x, y)` pair (or a dict with keys "x" and "y"), a `t
 (batched or not, elements `(x, y)` or dicts), or a `ClientDataset` (anything with `.x` and `.y`).
 Every client is checked against the artifact's manifest before any client trains, so a bad
 client fails the round at once with its index, the expected and the actual shape or dtype.
+A client's id is its `client_id` attribute when it has one (a ClientDataset from ClientData),
+else its position in the list as a string ("0", "1", ...); shuffle seeds derive from it.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from device_runtime import load_local_data
-from fedge.learning.executors import ClientArrays
 from fedge.simulation.datasets import ClientDataset
 
+ClientArrays = tuple[np.ndarray, np.ndarray]
 
-def client_arrays(federated_data: Iterable[Any], manifest: Mapping[str, Any]) -> list[ClientArrays]:
-    """Every client's (x, y), checked against and cast to manifest["input"] and ["label"]; ValueError/TypeError naming the client."""
+
+@dataclass(frozen=True, eq=False)
+class LocalClient:
+    """One in-process client of a round: its id (what its shuffle seed derives from) and its checked arrays."""
+
+    client_id: str
+    x: np.ndarray
+    y: np.ndarray
+
+
+def local_clients(federated_data: Iterable[Any], manifest: Mapping[str, Any]) -> list[LocalClient]:
+    """Every client's id and (x, y), checked against and cast to manifest["input"] and ["label"]; errors name the client."""
     if isinstance(federated_data, (str, bytes, Mapping, np.ndarray, tuple)) or not isinstance(federated_data, Iterable):
         raise TypeError(f"federated_data must be a list of client datasets, got {type(federated_data).__name__}")
     return [_checked(index, client, manifest) for index, client in enumerate(federated_data)]
 
 
-def _checked(index: int, client: Any, manifest: Mapping[str, Any]) -> ClientArrays:
-    """One client's arrays after the manifest's checks, errors prefixed with the client's index."""
+def _checked(index: int, client: Any, manifest: Mapping[str, Any]) -> LocalClient:
+    """One client after the manifest's checks, errors prefixed with the client's index."""
     try:
         x, y = _arrays(client)
         if x.ndim >= 1 and y.ndim >= 1 and x.shape[0] == 0 and y.shape[0] == 0:
-            return _empty(x, y, manifest)
-        data = load_local_data((x, y), manifest)
-        return data.x, data.y
+            x, y = _empty(x, y, manifest)
+        else:
+            data = load_local_data((x, y), manifest)
+            x, y = data.x, data.y
     except (TypeError, ValueError) as error:
         raise type(error)(f"federated_data[{index}] (client {index}): {str(error).removeprefix('data: ')}") from None
+    client_id = getattr(client, "client_id", None)
+    return LocalClient(str(index) if client_id is None else str(client_id), x, y)
 
 
 def _arrays(client: Any) -> ClientArrays:

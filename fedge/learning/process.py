@@ -2,8 +2,9 @@
 
 A round is composed of TFF's four parts (its `compose_learning_process`), each replaceable:
 the distributor and the client work run in an Executor (global weights out, client updates
-back in client order), the aggregator is a streaming weighted mean of client deltas with
-sum-then-finalize metrics, and the finalizer is a server optimizer step. FedProx is FedAvg
+back: in-process in client order, over MQTT as devices report), the aggregator is a streaming
+weighted mean of client deltas with sum-then-finalize metrics, and the finalizer is a server
+optimizer step; `aggregate_round` does the last two for every executor. FedProx is FedAvg
 with a different client work (the proximal term); FedAdam, FedYogi, ... a different finalizer.
 
 Trainable weights move by the server optimizer's step on the weighted mean delta.
@@ -13,8 +14,9 @@ final values, so batch norm's statistics follow the clients' data; TFF keeps the
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -24,24 +26,28 @@ from converters import ConversionResult
 from device_runtime import TrainableModel
 from fedge.learning import optimizers
 from fedge.learning.aggregation import ClientWeighting, WeightedMean
-from fedge.learning.executors import Executor, TrainConfig, get_default_executor
-from fedge.learning.federated_data import client_arrays
+from fedge.learning.executors import ClientUpdate, Executor, RoundFailedError, TrainConfig, get_default_executor
 from fedge.learning.lowering import lower_model_fn
 from fedge.learning.metrics import sum_then_finalize
 from fedge.learning.state import LearningProcessState, ModelWeights
 from fedge.templates import IterativeProcess
 
 Metrics = dict[str, dict[str, Any]]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ClientWork:
-    """What every client does in a round: local epochs, a step budget, FedProx's mu, the shuffle seed."""
+    """What every client does in a round: local epochs, a step budget, FedProx's mu, the seed, the learning rate.
+
+    `learning_rate` None keeps the artifact's client learning rate.
+    """
 
     epochs: int = 1
     max_steps: int | None = None
     proximal_mu: float | None = None
     seed: int | None = 0
+    learning_rate: float | None = None
 
     def __post_init__(self) -> None:
         """Refuse values that would only fail later, inside a client."""
@@ -53,10 +59,13 @@ class ClientWork:
         if self.proximal_mu is not None and not (isinstance(self.proximal_mu, (int, float))
                                                  and math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
             raise ValueError(f"proximal_strength must be a finite number >= 0, got {self.proximal_mu!r}")
+        if self.learning_rate is not None and not (isinstance(self.learning_rate, (int, float))
+                                                   and math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate!r}")
 
     def config(self, round_num: int) -> TrainConfig:
         """The executor's configuration for one round."""
-        return TrainConfig(round_num, self.epochs, self.max_steps, self.proximal_mu, self.seed)
+        return TrainConfig(round_num, self.epochs, self.max_steps, self.proximal_mu, self.seed, self.learning_rate)
 
 
 class LearningProcess(IterativeProcess):
@@ -107,29 +116,16 @@ class LearningProcess(IterativeProcess):
 
     def _next(self, state: LearningProcessState,
               federated_data: Iterable[Any]) -> tuple[LearningProcessState, Metrics]:
-        """One round: every client checked, then trained in the executor; deltas aggregated; server step."""
+        """One round: the executor checks its clients and trains them; their updates are aggregated; server step."""
         manifest = self._artifact.manifest
-        clients = client_arrays(federated_data, manifest)
+        executor = self._executor if self._executor is not None else get_default_executor()
+        clients = executor.prepare(federated_data, manifest)
         weights = state.global_model_weights.for_manifest(manifest)
         self._check_optimizer_state(state)
-        executor = self._executor if self._executor is not None else get_default_executor()
-        mean, train_metrics = WeightedMean(), sum_then_finalize(self._finalizers)
-        bytes_down = bytes_up = 0
-        for update in executor.train(self._artifact.tflite_bytes, weights.to_list(), clients,
-                                     self._client_work.config(state.round_num)):
-            mean.add(update.delta, self._weighting.weight(update.num_examples))
-            train_metrics.add(update.metrics)
-            bytes_down += update.bytes_down
-            bytes_up += update.bytes_up
-        new_weights, optimizer_state, update_norm = self._finalize(state, weights, mean.mean())
-        metrics = {
-            "distributor": {"bytes_down": bytes_down},
-            "client_work": {"train": train_metrics.result()},
-            "aggregator": {"num_clients": mean.num_clients, "bytes_up": bytes_up,
-                           "mean_weight": mean.total_weight / mean.num_clients if mean.num_clients else 0.0},
-            "finalizer": {"update_norm": update_norm},
-        }
-        return LearningProcessState(new_weights, optimizer_state, state.round_num + 1), metrics
+        updates = executor.train(self._artifact.tflite_bytes, weights.to_list(), clients,
+                                 self._client_work.config(state.round_num))
+        return aggregate_round(state, weights, iter(updates), manifest, self._finalizers, self._weighting,
+                               self._server_optimizer)
 
     def _check_optimizer_state(self, state: LearningProcessState) -> None:
         """ValueError if `state` holds another optimizer's slots (e.g. a state saved by another process)."""
@@ -138,17 +134,79 @@ class LearningProcess(IterativeProcess):
             raise ValueError(f"the state's server optimizer state has slots {sorted(state.server_optimizer_state)}; "
                              f"{type(self._server_optimizer).__name__} needs {needed}")
 
-    def _finalize(self, state: LearningProcessState, weights: ModelWeights,
-                  mean_delta: list[np.ndarray] | None) -> tuple[ModelWeights, dict[str, list[np.ndarray]], float]:
-        """The server step: (new weights, optimizer state, L2 norm of the mean trainable delta); no-op without deltas."""
-        if mean_delta is None:
-            return weights, state.server_optimizer_state, 0.0
-        delta = ModelWeights.from_list(self._artifact.manifest, mean_delta)
-        optimizer_state, trainable = self._server_optimizer.apply(state.server_optimizer_state, weights.trainable,
-                                                                  delta.trainable)
-        non_trainable = [w + d for w, d in zip(weights.non_trainable, delta.non_trainable)]
-        norm = math.sqrt(sum(float(np.sum(np.square(d, dtype=np.float64))) for d in delta.trainable))
-        return ModelWeights(trainable, non_trainable, weights.trainable_mask), optimizer_state, norm
+
+class _RoundSums:
+    """The aggregator's running sums of one round: weighted mean delta, metric sums, payload bytes."""
+
+    def __init__(self, finalizers: Mapping[str, list[str]], weighting: ClientWeighting) -> None:
+        """Empty sums."""
+        self.finalizers, self.weighting = finalizers, weighting
+        self.bytes_down = self.bytes_up = 0
+        self.discard()
+
+    def discard(self) -> None:
+        """Forget the deltas and metrics summed so far (a failed round); the byte counts stay, as traffic happened."""
+        self.mean, self.train_metrics = WeightedMean(), sum_then_finalize(self.finalizers)
+
+    def add(self, update: ClientUpdate) -> None:
+        """Fold one client's update into the sums at once; nothing of it is kept."""
+        self.mean.add(update.delta, self.weighting.weight(update.num_examples))
+        self.train_metrics.add(update.metrics)
+        self.bytes_down += update.bytes_down
+        self.bytes_up += update.bytes_up
+
+    def consume(self, updates: Iterator[ClientUpdate]) -> dict[str, Any]:
+        """Add every update; returns the executor's round report (the generator's return value, if any)."""
+        while True:
+            try:
+                update = next(updates)
+            except StopIteration as stop:
+                return dict(stop.value or {})
+            self.add(update)
+
+
+def aggregate_round(state: LearningProcessState, weights: ModelWeights, updates: Iterator[ClientUpdate],
+                    manifest: Mapping[str, Any], finalizers: Mapping[str, list[str]], weighting: ClientWeighting,
+                    server_optimizer: optimizers.ServerOptimizer) -> tuple[LearningProcessState, Metrics]:
+    """The aggregator and finalizer of one round, for every executor: stream updates into sums, then the server step.
+
+    Memory is O(model): each update is added to running sums as it arrives and then dropped.
+    A RoundFailedError from the executor discards what was summed: the weights and optimizer
+    state stay as they were and the round id is spent (state.round_num + 1).
+    """
+    sums = _RoundSums(finalizers, weighting)
+    try:
+        report = sums.consume(updates)
+    except RoundFailedError as failure:
+        logger.warning("round %d failed: %s; the weights and server optimizer state stay unchanged",
+                       state.round_num, failure)
+        sums.discard()
+        report = failure.report
+    new_weights, optimizer_state, update_norm = _server_step(state, weights, sums.mean.mean(), manifest,
+                                                             server_optimizer)
+    mean = sums.mean
+    metrics = {
+        "distributor": {"bytes_down": sums.bytes_down, **report},
+        "client_work": {"train": sums.train_metrics.result()},
+        "aggregator": {"num_clients": mean.num_clients, "bytes_up": sums.bytes_up,
+                       "mean_weight": mean.total_weight / mean.num_clients if mean.num_clients else 0.0},
+        "finalizer": {"update_norm": update_norm},
+    }
+    return LearningProcessState(new_weights, optimizer_state, state.round_num + 1), metrics
+
+
+def _server_step(state: LearningProcessState, weights: ModelWeights, mean_delta: list[np.ndarray] | None,
+                 manifest: Mapping[str, Any], server_optimizer: optimizers.ServerOptimizer
+                 ) -> tuple[ModelWeights, dict[str, list[np.ndarray]], float]:
+    """The server step: (new weights, optimizer state, L2 norm of the mean trainable delta); no-op without deltas."""
+    if mean_delta is None:
+        return weights, state.server_optimizer_state, 0.0
+    delta = ModelWeights.from_list(manifest, mean_delta)
+    optimizer_state, trainable = server_optimizer.apply(state.server_optimizer_state, weights.trainable,
+                                                        delta.trainable)
+    non_trainable = [w + d for w, d in zip(weights.non_trainable, delta.non_trainable)]
+    norm = math.sqrt(sum(float(np.sum(np.square(d, dtype=np.float64))) for d in delta.trainable))
+    return ModelWeights(trainable, non_trainable, weights.trainable_mask), optimizer_state, norm
 
 
 def build_federated_averaging_process(

@@ -14,10 +14,15 @@ from fedge.simulation.datasets._checks import require_int
 
 @dataclass(frozen=True, eq=False)
 class ClientDataset:
-    """One client's examples: `x` and `y` numpy arrays with the same leading length (read-only views)."""
+    """One client's examples: `x` and `y` numpy arrays with the same leading length (read-only views).
+
+    `client_id` names the client when known (ClientData sets it); federated processes derive
+    the client's shuffle seed from it, as a device derives its own from its device id.
+    """
 
     x: np.ndarray
     y: np.ndarray
+    client_id: str | None = None
 
     def __post_init__(self) -> None:
         """Check the shapes and store read-only views, so shared arrays cannot be changed through a dataset."""
@@ -26,6 +31,8 @@ class ClientDataset:
             raise ValueError(f"x and y need a leading example axis, got shapes {x.shape} and {y.shape}")
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x and y must hold the same number of examples, got {x.shape[0]} and {y.shape[0]}")
+        if self.client_id is not None and not isinstance(self.client_id, str):
+            raise TypeError(f"client_id must be a string or None, got {type(self.client_id).__name__}")
         for name, array in (("x", x), ("y", y)):
             view = array.view()
             view.flags.writeable = False
@@ -36,8 +43,9 @@ class ClientDataset:
         return int(self.x.shape[0])
 
     def __repr__(self) -> str:
-        """Shapes and dtypes, not the data."""
-        return f"ClientDataset(x={self.x.dtype}{list(self.x.shape)}, y={self.y.dtype}{list(self.y.shape)})"
+        """Shapes and dtypes (and the id, when known), not the data."""
+        named = "" if self.client_id is None else f"client_id={self.client_id!r}, "
+        return f"ClientDataset({named}x={self.x.dtype}{list(self.x.shape)}, y={self.y.dtype}{list(self.y.shape)})"
 
     @property
     def num_examples(self) -> int:
@@ -51,12 +59,12 @@ class ClientDataset:
     def shuffled(self, seed: int) -> ClientDataset:
         """The same examples in a seeded random order."""
         order = np.random.default_rng(seed).permutation(len(self))
-        return ClientDataset(self.x[order], self.y[order])
+        return ClientDataset(self.x[order], self.y[order], self.client_id)
 
     def take(self, n: int) -> ClientDataset:
         """The first `n` examples (all of them when there are fewer)."""
         n = require_int("n", n, 0)
-        return ClientDataset(self.x[:n], self.y[:n])
+        return ClientDataset(self.x[:n], self.y[:n], self.client_id)
 
     def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Consecutive `(x, y)` batches of `batch_size`; the last one is partial rather than dropped."""
@@ -149,10 +157,11 @@ class ClientData:
         return f"ClientData({len(self)} clients: {head})"
 
     def create_dataset_for_client(self, client_id: str) -> ClientDataset:
-        """The dataset of one client; a KeyError names an unknown id."""
+        """The dataset of one client, carrying its id; a KeyError names an unknown id."""
         if client_id not in self._known:
             raise KeyError(f"unknown client id {client_id!r} ({len(self)} clients, e.g. {self._client_ids[:3]})")
-        return self._load(client_id)
+        dataset = self._load(client_id)
+        return dataset if dataset.client_id == client_id else ClientDataset(dataset.x, dataset.y, client_id)
 
     def create_dataset_from_all_clients(self) -> ClientDataset:
         """Every client's examples concatenated in `client_ids` order (centralized baselines, evaluation)."""

@@ -1,0 +1,42 @@
+"""The server's checkpoint: the process state after the last finished round, one file replaced atomically."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fedge.learning.state import LearningProcessState, load_state, save_state
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "state.npz"
+
+
+class Checkpoints:
+    """`<directory>/state.npz`, written after every round (fedge.learning.save_state: temp file, fsync, rename)."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        """Use (and create) `directory`."""
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / CHECKPOINT_FILE
+
+    def latest(self, manifest: Mapping[str, Any]) -> LearningProcessState | None:
+        """The saved state, checked against the model's weights, or None when there is none yet."""
+        if not self.path.exists():
+            return None
+        state = load_state(self.path)
+        try:
+            state.global_model_weights.for_manifest(manifest)
+        except ValueError as error:
+            raise ValueError(f"{self.path} does not hold this model's weights ({error}); "
+                             f"use another --checkpoint-dir or remove the file") from None
+        logger.info("resuming from %s at round %d", self.path, state.round_num)
+        return state
+
+    def save(self, state: LearningProcessState) -> Path:
+        """Replace the checkpoint with `state` atomically."""
+        return save_state(self.path, state)

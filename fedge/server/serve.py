@@ -1,0 +1,127 @@
+"""`fedge serve`: convert the model if needed, then run federated rounds over MQTT until done or stopped.
+
+SIGINT (Ctrl-C) and SIGTERM stop the server: the round in progress is abandoned and the
+checkpoint keeps the state after the last finished round, so the same command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from converters import ConversionResult
+from device_runtime.artifact import ArtifactError, read_manifest, verify_content_hash
+from device_runtime.data import load_local_data
+from fedge.learning import optimizers
+from fedge.learning.aggregation import ClientWeighting
+from fedge.learning.evaluation import FederatedEvaluation
+from fedge.learning.executors import InProcessExecutor
+from fedge.learning.process import ClientWork, LearningProcess
+from fedge.server.mqtt_executor import MqttExecutor
+from fedge.server.rounds import FederatedServer, ServerSettings
+
+logger = logging.getLogger("fedge.serve")
+
+CROSS_ENTROPY_LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy")
+CONVERTED_MODEL = "model.tflite"
+
+
+class UsageError(Exception):
+    """Arguments that cannot work together; `fedge serve` prints the message and exits with 2."""
+
+
+def load_artifact(args: argparse.Namespace) -> ConversionResult:
+    """The trainable artifact: a .tflite as is (content hash verified), a .keras model converted first."""
+    path = Path(args.model)
+    if path.suffix == ".keras":
+        if args.loss is None or args.batch_size is None:
+            raise UsageError("converting a .keras model needs --loss and --batch-size")
+        import keras
+
+        from converters import ConversionError, convert_keras_model
+
+        model = keras.models.load_model(path, compile=False)
+        try:
+            result = convert_keras_model(model, loss=args.loss,
+                                         optimizer=keras.optimizers.SGD(args.learning_rate or 0.01),
+                                         batch_size=args.batch_size,
+                                         metrics=["accuracy"] if args.loss in CROSS_ENTROPY_LOSSES else [])
+        except ConversionError as error:
+            raise UsageError(f"{path}: {error}") from None
+        Path(args.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        saved = result.save(Path(args.checkpoint_dir) / CONVERTED_MODEL)
+        logger.info("converted %s to %s (%s)", path, saved, result.manifest["content_hash"])
+        return result
+    if path.suffix != ".tflite":
+        raise UsageError(f"{path}: expected a .keras model or a trainable .tflite artifact")
+    if args.loss is not None or args.batch_size is not None:
+        raise UsageError("--loss and --batch-size apply to a .keras model; a .tflite artifact has its own")
+    try:
+        model_bytes = path.read_bytes()
+        verify_content_hash(model_bytes)
+        return ConversionResult(model_bytes, read_manifest(model_bytes))
+    except (OSError, ArtifactError) as error:
+        raise UsageError(f"{path}: {error}") from None
+
+
+def server_optimizer(args: argparse.Namespace) -> optimizers.ServerOptimizer:
+    """The server optimizer named by --server-optimizer (learning rate 1.0 for SGD, 0.01 for the adaptive ones)."""
+    if args.server_optimizer == "sgd":
+        return optimizers.SGD(args.server_learning_rate or 1.0, momentum=args.server_momentum)
+    adaptive = {"adam": optimizers.Adam, "yogi": optimizers.Yogi, "adagrad": optimizers.Adagrad}
+    return adaptive[args.server_optimizer](args.server_learning_rate or 0.01)
+
+
+def build_server(args: argparse.Namespace, password: str | None) -> FederatedServer:
+    """The process, executor and round loop that the arguments describe (the executor first: it checks the settings)."""
+    executor = MqttExecutor(args.broker, args.fleet, clients_per_round=args.clients_per_round,
+                            min_reports=args.min_reports, deadline_s=args.deadline,
+                            over_selection=args.over_selection, encoding=args.encoding, topk=args.topk,
+                            max_seconds=args.max_seconds, username=args.username, password=password,
+                            tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    artifact = load_artifact(args)
+    finalizers = artifact.manifest["metrics"]["finalizers"]
+    work = ClientWork(args.local_epochs, args.max_steps, None, args.seed, args.learning_rate)
+    process = LearningProcess(artifact, finalizers, work, ClientWeighting(args.client_weighting),
+                              server_optimizer(args), executor)
+    evaluation: FederatedEvaluation | None = None
+    eval_data: list[Any] | None = None
+    if args.eval_data is not None:
+        evaluation = FederatedEvaluation(artifact, finalizers, InProcessExecutor(num_workers=0))
+        eval_data = [load_local_data(args.eval_data)]
+    settings = ServerSettings(args.rounds, args.checkpoint_dir, args.metrics_log, args.seed, args.checkin_timeout,
+                              args.eval_every)
+    return FederatedServer(process, executor, settings, evaluation, eval_data)
+
+
+def serve(args: argparse.Namespace, password: str | None) -> int:
+    """Run the server; 0 when the rounds are done or it was stopped, 1 without a broker, 2 for bad arguments."""
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        server = build_server(args, password)
+    except (UsageError, ValueError, TypeError, OSError) as error:
+        print(f"fedge serve: error: {error}", file=sys.stderr)
+        return 2
+
+    def request_stop(signum: int, frame: object) -> None:
+        logger.info("received %s: stopping after abandoning the round in progress", signal.Signals(signum).name)
+        server.stop()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with server.executor:
+            state = server.run()
+    except ConnectionError as error:
+        print(f"fedge serve: error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    done = "all rounds done" if state.round_num >= args.rounds else "stopped; the same command resumes"
+    print(f"fedge serve: {done}: {state.round_num} of {args.rounds} rounds ({server.rounds_failed} failed in this "
+          f"run); checkpoint {server.checkpoints.path}")
+    return 0

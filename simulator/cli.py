@@ -1,0 +1,124 @@
+"""`fedge simulate` (also `python -m simulator`): run a scenario's fleet against a broker until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from device_runtime.cli import LOG_LEVELS, PASSWORD_ENV
+
+if TYPE_CHECKING:
+    from simulator.fleet import Fleet
+
+logger = logging.getLogger("simulator.cli")
+
+
+DESCRIPTION = "Emulate a fleet of edge devices (a scenario file) as real MQTT clients against a broker."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The simulator's arguments, on its own parser or on `fedge simulate`'s subparser."""
+    parser.add_argument("scenario", help="scenario TOML file (e.g. simulator/scenarios/digits.toml)")
+    parser.add_argument("--broker", required=True, metavar="URL", help="mqtt://host[:port] or mqtts://host[:port]")
+    parser.add_argument("--username", help="MQTT user name of every device")
+    parser.add_argument("--password", help=f"MQTT password (prefer the {PASSWORD_ENV} environment variable)")
+    parser.add_argument("--tls-ca", metavar="PEM", help="CA bundle to verify the broker (default: system CAs)")
+    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS")
+    parser.add_argument("--tls-key", metavar="PEM", help="client private key for mutual TLS")
+    parser.add_argument("--duration", type=_positive_float, metavar="SECONDS",
+                        help="stop after this long (default: run until SIGTERM or Ctrl-C)")
+    parser.add_argument("--workers", type=int, metavar="N", help="training worker threads (default: one per core)")
+    parser.add_argument("--report-every", type=_positive_float, default=10.0, metavar="SECONDS",
+                        help="print the fleet's counters this often (default: %(default)s)")
+    parser.add_argument("--stats", metavar="PATH", help="write every device's final counters to this JSON file")
+    parser.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
+                        help="logging verbosity (default: %(default)s)")
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "fedge simulate") -> int:
+    """Parse the arguments and run the fleet (see run)."""
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv), prog)
+
+
+def run(args: argparse.Namespace, prog: str = "fedge simulate") -> int:
+    """Run the fleet until the duration ends or SIGTERM/SIGINT; 0 after a clean stop, 2 for bad arguments."""
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    password = args.password if args.password is not None else os.environ.get(PASSWORD_ENV)
+    if password is not None and args.username is None:
+        print(f"{prog}: error: a password (--password or {PASSWORD_ENV}) needs --username", file=sys.stderr)
+        return 2
+
+    from simulator.fleet import Fleet  # after parsing: --help stays fast
+
+    try:
+        fleet = Fleet.from_scenario(args.scenario, args.broker, username=args.username, password=password,
+                                    tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                                    workers=args.workers)
+    except (ValueError, TypeError, OSError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        logger.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    total = fleet.scenario.num_devices
+    print(f"fleet {fleet.scenario.fleet!r}: {total} devices in {len(fleet.scenario.groups)} group(s) -> {args.broker}",
+          flush=True)
+    start = time.monotonic()
+    fleet.start()
+    all_connected = False
+    next_report = start + args.report_every
+    end = None if args.duration is None else start + args.duration
+    while not stop.wait(0.05):
+        now = time.monotonic()
+        if not all_connected and fleet.connected_count() == total:
+            all_connected = True
+            print(f"all {total} devices connected after {now - start:.2f} s", flush=True)
+        if now >= next_report:
+            print(_progress(fleet, now - start), flush=True)
+            next_report += args.report_every
+        if end is not None and now >= end:
+            break
+    fleet.stop()
+    print(_progress(fleet, time.monotonic() - start), flush=True)
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB", flush=True)
+    if args.stats:
+        with open(args.stats, "w") as f:
+            json.dump({device: dataclasses.asdict(stats) for device, stats in fleet.stats().items()}, f, indent=1)
+    return 0
+
+
+def _progress(fleet: Fleet, elapsed: float) -> str:
+    """One line of fleet counters."""
+    totals = fleet.totals()
+    return (f"t={elapsed:7.1f} s  connected {fleet.connected_count()}/{fleet.scenario.num_devices}  "
+            f"trained {totals.rounds_trained}  dropped {totals.rounds_dropped}  updates {totals.updates_published}  "
+            f"down {totals.bytes_down / 1e6:.1f} MB  up {totals.bytes_up / 1e6:.1f} MB")
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
