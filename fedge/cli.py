@@ -13,7 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before any command imports TensorFlow
+
 from device_runtime.artifact import ArtifactError, list_operators, list_signatures, read_manifest, verify_content_hash
+from fedge.simulate import add_arguments as add_simulate_arguments
 
 
 PASSWORD_ENV = "FEDGE_MQTT_PASSWORD"
@@ -185,6 +188,13 @@ def _add_serve_parser(commands: Any) -> None:
     serve.set_defaults(run=serve_command)
 
 
+def simulate_command(args: argparse.Namespace) -> int:
+    """Run the main job (fedge.simulate)."""
+    from fedge.simulate import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedge", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--metrics", nargs="*", help="'accuracy' or nothing (default: accuracy for cross-entropy)")
     convert.add_argument("--name", help="model name recorded in the manifest")
     convert.set_defaults(run=convert_command)
+
+    simulate = commands.add_parser("simulate", help="the main job: a federated simulation of a device fleet "
+                                   "(embedded broker, server, simulated devices) with a report folder")
+    add_simulate_arguments(simulate)
+    simulate.set_defaults(run=simulate_command)
 
     inspect = commands.add_parser("inspect", help="show an artifact's signatures, operators and manifest")
     inspect.add_argument("file")

@@ -7,6 +7,8 @@ Writes `metrics.jsonl` (one JSON object per round), `accuracy_loss.png`, `round_
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,7 +88,8 @@ def save_final_model(out_dir: Path, keras_model: Any, weights: Sequence[np.ndarr
     converter = tf.lite.TFLiteConverter.from_keras_model(keras_model)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     tflite_path = out_dir / "final_model.tflite"
-    tflite_path.write_bytes(converter.convert())
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its SavedModel's endpoints
+        tflite_path.write_bytes(converter.convert())
     return keras_path, tflite_path
 
 

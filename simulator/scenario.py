@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,7 +156,10 @@ def load_scenario(source: str | os.PathLike[str] | Mapping[str, Any]) -> Scenari
     """Read and check a scenario from a TOML file or a dict; ScenarioError names the bad field."""
     if isinstance(source, Mapping):
         return _parse(source, "scenario")
-    import tomllib
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # Python 3.10: the same parser, from PyPI (a desktop dependency there)
+        import tomli as tomllib
 
     path = Path(source)
     try:

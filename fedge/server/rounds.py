@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,8 +44,10 @@ class FederatedServer:
     """Runs `settings.rounds` rounds of `process` over `executor`'s fleet, resuming from its checkpoint."""
 
     def __init__(self, process: LearningProcess, executor: MqttExecutor, settings: ServerSettings,
-                 evaluation: FederatedEvaluation | None = None, eval_data: Sequence[Any] | None = None) -> None:
-        """`evaluation` and `eval_data` (client datasets) together enable periodic federated evaluation."""
+                 evaluation: FederatedEvaluation | None = None, eval_data: Sequence[Any] | None = None,
+                 on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """`evaluation` and `eval_data` (client datasets) together enable periodic federated evaluation;
+        `on_round` receives each round's metrics record (what the metrics log gets)."""
         if (evaluation is None) != (eval_data is None):
             raise ValueError("evaluation and eval_data go together")
         if settings.eval_every < 1:
@@ -56,6 +58,7 @@ class FederatedServer:
         self._log = None if settings.metrics_log is None else MetricsLog(settings.metrics_log)
         self._stopping = threading.Event()
         self.rounds_failed = 0
+        self._on_round = on_round
 
     def stop(self) -> None:
         """Stop soon: the round in progress is abandoned; the checkpoint keeps the last finished round."""
@@ -127,6 +130,8 @@ class FederatedServer:
         }
         if self._log is not None:
             self._log.write(record)
+        if self._on_round is not None:
+            self._on_round(record)
         logger.info("round %d %s: %d of %d selected devices reported; train %s; eval %s; %.1f s", round_num,
                     distributor["outcome"], distributor["accepted"], distributor["selected"], _brief(train),
                     _brief(evaluation), record["seconds"])
