@@ -30,3 +30,45 @@ def test_simulate_runs_rounds_and_writes_the_report(tmp_path, broker, mosquitto_
     for record in records:
         assert record["outcome"] == "completed" and record["accepted"] == 20 and record["selected"] == 26
         assert record["bytes_up"] > 20 * 20_000 and 0 <= record["eval_accuracy"] <= 1
+
+
+FLEET_60 = """
+fleet = "e2e60"
+seed = 1
+
+[data]
+dataset = "digits"
+partition = "iid"
+
+[[groups]]
+name = "phone"
+count = 40
+speed = 1.0
+dropout = 0.1
+downtime = 5.0
+
+[[groups]]
+name = "pi"
+count = 20
+speed = 2.0
+upload = "1 MB/s"
+"""
+
+
+def test_sixty_simulated_devices_over_mosquitto_learn_digits(tmp_path, mosquitto_broker):
+    """Issue 5's end-to-end check: >= 50 simulated devices, a real Mosquitto, rounds complete, accuracy improves."""
+    scenario = tmp_path / "fleet60.toml"
+    scenario.write_text(FLEET_60)
+    out = tmp_path / "report"
+    run = subprocess.run([sys.executable, "-m", "fedge.cli", "simulate", str(scenario), "--broker",
+                          "mqtt://%s:%d" % mosquitto_broker, "--rounds", "15", "--clients-per-round", "30",
+                          "--min-reports", "20", "--local-epochs", "10", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 15 and all(r["outcome"] == "completed" for r in records)
+    assert all(r["accepted"] == 30 and r["selected"] == 39 for r in records)
+    assert sum(sum(r["dropped"].values()) for r in records) > 0  # dropouts and late reports happen, and are counted
+    first, last = records[0]["eval_accuracy"], records[-1]["eval_accuracy"]
+    assert last >= 0.6 and last > first + 0.3, [round(r["eval_accuracy"], 3) for r in records]
+    assert records[-1]["train_loss"] < 0.6 * records[0]["train_loss"]
