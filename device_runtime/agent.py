@@ -8,27 +8,24 @@ import os
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
-from device_runtime.artifact import ArtifactError, verify_content_hash
+from device_runtime.artifact import ArtifactError
 from device_runtime.connection import MqttConnection, TlsFiles, parse_broker_url
 from device_runtime.data import load_local_data
 from device_runtime.model import TrainableModel
 from device_runtime.model_cache import ModelCache, default_cache_dir
+from device_runtime.rounds import checked_model, round_update, skip_reason, training_budget
 from device_runtime.protocol import (
-    ModelUpdate,
     ProtocolError,
     Task,
     decode_task,
     decode_weights,
     encode_status,
-    encode_update,
-    is_selected,
     payload_hash,
 )
-from device_runtime.protocol.topics import (hash_hex, model_topic, status_topic, task_topic, update_topic,
+from device_runtime.protocol.topics import (model_topic, status_topic, task_topic, update_topic,
                                             weights_topic)
 from device_runtime.training import train_locally
 
@@ -197,16 +194,9 @@ class DeviceAgent:
         self._tasks.put(task)
 
     def _skip_reason(self, task: Task) -> str | None:
-        """Why this device should not train `task`, or None if it should."""
+        """Why this device should not train `task`, or None if it should (rounds.skip_reason)."""
         with self._lock:
-            if task.round in self._started_rounds:
-                return "already trained (or training) this round"
-        if not is_selected(task, self.device_id):
-            return "this device is not selected"
-        now = self._clock()
-        if task.deadline <= now:
-            return f"deadline passed {now - task.deadline:.1f} s ago"
-        return None
+            return skip_reason(task, self.device_id, self._started_rounds, self._clock())
 
     def _count(self, name: str) -> None:
         """Increment one of the counters in `stats` (called from both threads)."""
@@ -273,21 +263,17 @@ class DeviceAgent:
             self._count("rounds_failed")
             return
         self._set_state("training", task.round)
-        time_left = task.deadline - self._clock()
-        max_seconds = time_left if task.max_seconds is None else min(task.max_seconds, time_left)
+        max_seconds = training_budget(task, self._clock())
         logger.info("round %d: training (epochs %d, max_steps %s, max_seconds %.1f)",
                     task.round, task.epochs, task.max_steps, max_seconds)
         result = train_locally(model, self._data, epochs=task.epochs,
                                shuffle_seed=device_shuffle_seed(task.seed, self.device_id),
-                               max_steps=task.max_steps, max_seconds=max(0.0, max_seconds),
+                               max_steps=task.max_steps, max_seconds=max_seconds,
                                learning_rate=task.learning_rate, initial_weights=initial_weights)
         self._count("rounds_trained")
         logger.info("round %d: trained %d steps on %d examples in %.2f s%s", task.round, result.steps,
                     result.num_examples, result.seconds, " (budget cut it short)" if result.stopped_early else "")
-        update = ModelUpdate(fleet=self.fleet, round=task.round, device_id=self.device_id,
-                             update_id=uuid.uuid4().hex, model_hash=task.model_hash,
-                             num_examples=result.num_examples, metrics=result.metrics, tensors=result.delta)
-        payload = encode_update(update, task.encoding, task.topk)
+        update, payload = round_update(self.fleet, self.device_id, task, result)
         mid = self._connection.publish(self._update_topic, payload, qos=1)
         if self._connection.wait_for_ack(mid, self._publish_timeout):
             self._count("updates_published")
@@ -308,13 +294,9 @@ class DeviceAgent:
         if payload is None:
             return None
         try:
-            actual = verify_content_hash(payload)
+            checked_model(payload, task)
         except ArtifactError as error:
             logger.error("round %d: refusing the model published for %s: %s", task.round, task.model_hash, error)
-            return None
-        if hash_hex(actual) != hash_hex(task.model_hash):
-            logger.error("round %d: refusing the model: the task names %s but the artifact's content hash is %s",
-                         task.round, task.model_hash, actual)
             return None
         self.cache.put(payload)
         self._count("models_downloaded")

@@ -34,6 +34,7 @@ from fedge.learning.process import ClientWork, LearningProcess, aggregate_round
 from fedge.server import DROP_REASONS, FederatedServer, MqttExecutor, ServerSettings
 from fedge.server.metrics_log import read_metrics_log
 from fedge.server.reports import ReportGate, RoundWindow
+from test_device_agent import wait_until
 from fedge.server.selection import over_selected, select_devices
 from fedge.simulation.datasets import ClientDataset
 
@@ -42,18 +43,6 @@ CENTRES = np.eye(3, 8, dtype=np.float32) * 2.5
 
 
 # ------------------------------------------------------------------------------------------- helpers
-
-
-def wait_until(condition: Callable[[], Any], what: str, timeout: float = TIMEOUT_S) -> Any:
-    """Poll `condition` until it returns something truthy; fail naming `what` after `timeout`."""
-    end = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def toy_data(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
