@@ -8,7 +8,8 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from device_runtime.model_cache import default_cache_dir
 
@@ -18,15 +19,32 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 logger = logging.getLogger("device_runtime.cli")
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def positive(kind: type) -> Callable[[str], Any]:
+    """argparse type: a number of `kind` (int or float) > 0; shared by the fedge command lines."""
+    expected = "a positive integer" if kind is int else "a positive number"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+    return parse
+
+
+def stop_on_signals() -> threading.Event:
+    """An event that SIGTERM and SIGINT (Ctrl-C) set, for a clean stop of a long-running command."""
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        logger.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    return stop
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-key", metavar="PEM", help="client private key for mutual TLS")
     parser.add_argument("--cache-dir", default=str(default_cache_dir()),
                         help="where downloaded models are cached (default: %(default)s)")
-    parser.add_argument("--num-threads", type=_positive_int, metavar="N",
+    parser.add_argument("--num-threads", type=positive(int), metavar="N",
                         help="TFLite interpreter threads (default: every available core)")
     parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
                         help="logging verbosity (default: %(default)s)")
@@ -72,14 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, OSError) as error:
         parser.exit(2, f"fedge-device: error: {error}\n")
 
-    stop = threading.Event()
-
-    def request_stop(signum: int, frame: object) -> None:
-        logger.info("received %s", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stop = stop_on_signals()
     agent.start()
     logger.info("device %s of fleet %s running; SIGTERM or Ctrl-C stops it", args.device_id, args.fleet)
     while not stop.wait(0.5):

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before any command imports TensorFlow
 
 from device_runtime.artifact import ArtifactError, list_operators, list_signatures, read_manifest, verify_content_hash
+from device_runtime.cli import positive
 from fedge.simulate import add_arguments as add_simulate_arguments
 
 
@@ -126,31 +127,18 @@ def serve_command(args: argparse.Namespace) -> int:
     return serve(args, password)
 
 
-def _positive(kind: type) -> Any:
-    """argparse type: a number of `kind` > 0."""
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-        return value
-    return parse
-
-
 def _add_serve_parser(commands: Any) -> None:
     """`fedge serve`'s arguments."""
     serve = commands.add_parser("serve", help="run federated rounds over MQTT (resumes from its checkpoint)")
     serve.add_argument("model", help="a trainable .tflite artifact, or a .keras model to convert first")
     serve.add_argument("--broker", required=True, metavar="URL", help="mqtt://host[:port] or mqtts://host[:port]")
     serve.add_argument("--fleet", required=True, help="fleet id: topics live under fedge/<fleet>/")
-    serve.add_argument("--rounds", type=_positive(int), required=True, help="round ids to run (a failed round uses one)")
-    serve.add_argument("--clients-per-round", type=_positive(int), required=True, metavar="K",
+    serve.add_argument("--rounds", type=positive(int), required=True, help="round ids to run (a failed round uses one)")
+    serve.add_argument("--clients-per-round", type=positive(int), required=True, metavar="K",
                        help="reports that close a round (the goal)")
-    serve.add_argument("--min-reports", type=_positive(int), default=1, metavar="M",
+    serve.add_argument("--min-reports", type=positive(int), default=1, metavar="M",
                        help="reports a round needs by its deadline, else it fails (default: %(default)s)")
-    serve.add_argument("--deadline", type=_positive(float), default=60.0, metavar="S",
+    serve.add_argument("--deadline", type=positive(float), default=60.0, metavar="S",
                        help="seconds from the task to the reporting deadline (default: %(default)s)")
     serve.add_argument("--over-selection", type=float, default=1.3,
                        help="select ceil(this * K) available devices (default: %(default)s)")
@@ -160,25 +148,25 @@ def _add_serve_parser(commands: Any) -> None:
     serve.add_argument("--checkpoint-dir", required=True, metavar="DIR",
                        help="the state after every round (state.npz); resumed from on start")
     serve.add_argument("--metrics-log", metavar="FILE", help="JSON lines, one per round (appended)")
-    serve.add_argument("--learning-rate", type=_positive(float),
+    serve.add_argument("--learning-rate", type=positive(float),
                        help="client learning rate (default: the artifact's; 0.01 when converting)")
-    serve.add_argument("--local-epochs", type=_positive(int), default=1, help="default: %(default)s")
-    serve.add_argument("--max-steps", type=_positive(int), help="cap on each device's training steps per round")
-    serve.add_argument("--max-seconds", type=_positive(float), help="cap on each device's training time per round")
+    serve.add_argument("--local-epochs", type=positive(int), default=1, help="default: %(default)s")
+    serve.add_argument("--max-steps", type=positive(int), help="cap on each device's training steps per round")
+    serve.add_argument("--max-seconds", type=positive(float), help="cap on each device's training time per round")
     serve.add_argument("--seed", type=int, default=0, help="selection and shuffling seed (default: %(default)s)")
     serve.add_argument("--client-weighting", choices=["num_examples", "uniform"], default="num_examples")
     serve.add_argument("--server-optimizer", choices=["sgd", "adam", "yogi", "adagrad"], default="sgd")
-    serve.add_argument("--server-learning-rate", type=_positive(float),
+    serve.add_argument("--server-learning-rate", type=positive(float),
                        help="default: 1.0 for sgd, 0.01 for the adaptive optimizers")
     serve.add_argument("--server-momentum", type=float, default=0.0, help="sgd momentum (FedAvgM)")
     serve.add_argument("--eval-data", metavar="NPZ", help="held-out examples (x, y) evaluated in-process")
-    serve.add_argument("--eval-every", type=_positive(int), default=1, metavar="N",
+    serve.add_argument("--eval-every", type=positive(int), default=1, metavar="N",
                        help="evaluate every N rounds and after the last (default: %(default)s)")
-    serve.add_argument("--checkin-timeout", type=_positive(float), default=30.0, metavar="S",
+    serve.add_argument("--checkin-timeout", type=positive(float), default=30.0, metavar="S",
                        help="how long to wait for enough devices before selecting (default: %(default)s)")
     serve.add_argument("--loss", choices=["sparse_categorical_crossentropy", "categorical_crossentropy",
                                           "binary_crossentropy", "mean_squared_error"], help="for a .keras model")
-    serve.add_argument("--batch-size", type=_positive(int), help="for a .keras model")
+    serve.add_argument("--batch-size", type=positive(int), help="for a .keras model")
     serve.add_argument("--username", help="MQTT user name")
     serve.add_argument("--password", help=f"MQTT password (prefer the {PASSWORD_ENV} environment variable)")
     serve.add_argument("--tls-ca", metavar="PEM", help="CA bundle to verify the broker")

@@ -8,14 +8,12 @@ import json
 import logging
 import os
 import resource
-import signal
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from device_runtime.cli import LOG_LEVELS, PASSWORD_ENV
+from device_runtime.cli import LOG_LEVELS, PASSWORD_ENV, positive, stop_on_signals
 
 if TYPE_CHECKING:
     from simulator.fleet import Fleet
@@ -35,10 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", metavar="PEM", help="CA bundle to verify the broker (default: system CAs)")
     parser.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS")
     parser.add_argument("--tls-key", metavar="PEM", help="client private key for mutual TLS")
-    parser.add_argument("--duration", type=_positive_float, metavar="SECONDS",
+    parser.add_argument("--duration", type=positive(float), metavar="SECONDS",
                         help="stop after this long (default: run until SIGTERM or Ctrl-C)")
     parser.add_argument("--workers", type=int, metavar="N", help="training worker threads (default: one per core)")
-    parser.add_argument("--report-every", type=_positive_float, default=10.0, metavar="SECONDS",
+    parser.add_argument("--report-every", type=positive(float), default=10.0, metavar="SECONDS",
                         help="print the fleet's counters this often (default: %(default)s)")
     parser.add_argument("--stats", metavar="PATH", help="write every device's final counters to this JSON file")
     parser.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
@@ -70,14 +68,7 @@ def run(args: argparse.Namespace, prog: str = "fedge simulate") -> int:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
 
-    stop = threading.Event()
-
-    def request_stop(signum: int, frame: object) -> None:
-        logger.info("received %s", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stop = stop_on_signals()
     total = fleet.scenario.num_devices
     print(f"fleet {fleet.scenario.fleet!r}: {total} devices in {len(fleet.scenario.groups)} group(s) -> {args.broker}",
           flush=True)
@@ -113,12 +104,3 @@ def _progress(fleet: Fleet, elapsed: float) -> str:
             f"down {totals.bytes_down / 1e6:.1f} MB  up {totals.bytes_up / 1e6:.1f} MB")
 
 
-def _positive_float(text: str) -> float:
-    """argparse type: a number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
