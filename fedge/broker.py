@@ -85,6 +85,11 @@ class EmbeddedBroker:
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The Mosquitto process id (None for amqtt, which runs in this process, or when stopped)."""
+        return None if self._process is None else self._process.pid
+
     def start(self) -> "EmbeddedBroker":
         """Start the broker and wait until it accepts connections."""
         if self.kind == "amqtt":
