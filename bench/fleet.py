@@ -117,7 +117,7 @@ def run_fleet(args: argparse.Namespace, workdir: Path) -> dict:
                     "devices": scenario.num_devices, "min_reports": min_reports, "rounds": {}}
     setup_rss_kb = proc_status_kb("self", "VmRSS")
     with EmbeddedBroker("mosquitto") as broker:
-        broker_pid = broker.pid  # the bench reads the broker's /proc entry; EmbeddedBroker keeps it private
+        broker_pid = broker.pid  # the bench reads the broker's /proc entry
         fleet = Fleet.from_scenario(scenario, broker.url, client_data=train_clients)
         executor = MqttExecutor(broker.url, scenario.fleet, clients_per_round=args.per_round,
                                 min_reports=min_reports, deadline_s=args.deadline, encoding=ENCODINGS[0])
