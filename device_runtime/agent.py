@@ -16,11 +16,10 @@ from device_runtime.connection import MqttConnection, TlsFiles, parse_broker_url
 from device_runtime.data import load_local_data
 from device_runtime.model import TrainableModel
 from device_runtime.model_cache import ModelCache, default_cache_dir
-from device_runtime.rounds import checked_model, round_update, skip_reason, training_budget
+from device_runtime.rounds import checked_model, round_update, skip_reason, task_to_train, training_budget
 from device_runtime.protocol import (
     ProtocolError,
     Task,
-    decode_task,
     decode_weights,
     encode_status,
     payload_hash,
@@ -180,18 +179,12 @@ class DeviceAgent:
     def _receive_task(self, payload: bytes) -> None:
         """Decode a task and queue it for the worker unless it is malformed, stale or not for this device."""
         self._count("tasks_received")
-        if not payload:
-            return  # the server cleared the retained task
-        try:
-            task = decode_task(payload)
-        except ProtocolError as error:
-            self._ignore(f"malformed task: {error}")
-            return
-        reason = self._skip_reason(task)
+        with self._lock:
+            task, reason = task_to_train(payload, self.device_id, self._started_rounds, self._clock())
         if reason:
-            self._ignore(f"round {task.round}: {reason}")
-            return
-        self._tasks.put(task)
+            self._ignore(reason)
+        elif task is not None:
+            self._tasks.put(task)
 
     def _skip_reason(self, task: Task) -> str | None:
         """Why this device should not train `task`, or None if it should (rounds.skip_reason)."""

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Container
 
 from device_runtime.artifact import ArtifactError, verify_content_hash
-from device_runtime.protocol import ModelUpdate, Task, encode_update, is_selected
+from device_runtime.protocol import ModelUpdate, ProtocolError, Task, decode_task, encode_update, is_selected
 from device_runtime.protocol.topics import hash_hex
 from device_runtime.training import LocalResult
 
@@ -23,6 +23,20 @@ def skip_reason(task: Task, device_id: str, started_rounds: Container[int], now:
     if task.deadline <= now:
         return f"deadline passed {now - task.deadline:.1f} s ago"
     return None
+
+
+def task_to_train(payload: bytes, device_id: str, started_rounds: Container[int],
+                  now: float) -> tuple[Task | None, str | None]:
+    """(task, None) if this device should train the task payload, (None, why not) if not, (None, None)
+    for an empty payload (the server cleared its retained task)."""
+    if not payload:
+        return None, None
+    try:
+        task = decode_task(payload)
+    except ProtocolError as error:
+        return None, f"malformed task: {error}"
+    reason = skip_reason(task, device_id, started_rounds, now)
+    return (None, f"round {task.round}: {reason}") if reason else (task, None)
 
 
 def training_budget(task: Task, now: float) -> float:

@@ -25,9 +25,9 @@ from device_runtime.artifact import ArtifactError
 from device_runtime.connection import RECONNECT_MAX_DELAY_S, RECONNECT_MIN_DELAY_S, BrokerAddress, TlsFiles
 from device_runtime.data import LocalData
 from device_runtime.model_cache import DEFAULT_MAX_MODELS
-from device_runtime.protocol import ProtocolError, Task, decode_task, encode_status
+from device_runtime.protocol import ProtocolError, Task, encode_status
 from device_runtime.protocol.topics import model_topic, status_topic, task_topic, update_topic, weights_topic
-from device_runtime.rounds import skip_reason, training_budget
+from device_runtime.rounds import skip_reason, task_to_train, training_budget
 from simulator.network import LoopClient, LoopThread
 from simulator.scenario import DeviceProfile
 from simulator.trainer import TrainerPool
@@ -203,16 +203,11 @@ class SimulatedDevice:
     def _receive_task(self, payload: bytes) -> None:
         """Decode a task and start (or queue) its round unless it is malformed, stale or not for this device."""
         self.stats.tasks_received += 1
-        if not payload:
-            return  # the server cleared the retained task
-        try:
-            task = decode_task(payload)
-        except ProtocolError as error:
-            self._ignore(f"malformed task: {error}")
-            return
-        reason = skip_reason(task, self.device_id, self._started_rounds, time.time())
+        task, reason = task_to_train(payload, self.device_id, self._started_rounds, time.time())
         if reason:
-            self._ignore(f"round {task.round}: {reason}")
+            self._ignore(reason)
+        elif task is None:
+            return  # the server cleared the retained task
         elif self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._work(task))
         elif self._next_task is None or task.round >= self._next_task.round:
