@@ -94,17 +94,23 @@ class SimulatedDevice:
         self._next_task: Task | None = None
         self._training_round: int | None = None
         self._wake = asyncio.Event()
-        self._lost = self._vanished = False
+        self._lost = self._vanished = self._stopping = False
 
     @property
     def connected(self) -> bool:
         """Whether the device is connected to the broker now."""
         return self._client.connected
 
+    @property
+    def stopped(self) -> bool:
+        """Whether shutdown() has finished: run() and any round are over and the device is disconnected."""
+        life_over = self._life is None or self._life.done()
+        return self._stopping and life_over and self._worker is None and not self.connected
+
     async def run(self) -> None:
         """Connect when an availability window opens, leave when it closes; after a dropout, stay away a while."""
         availability = self.profile.group.availability
-        while True:
+        while not self._stopping:
             window = availability.next_window(self._elapsed())
             if window is None:
                 return
@@ -117,11 +123,21 @@ class SimulatedDevice:
         self._life = asyncio.get_running_loop().create_task(self.run())
 
     async def shutdown(self) -> None:
-        """Stop run(), abandon any round, publish status 'offline' and disconnect cleanly."""
+        """Stop run(), abandon any round, publish status 'offline' and disconnect cleanly.
+
+        The stop flag (checked by every loop of run()) ends run() even where Python 3.11's
+        asyncio.wait_for swallows a cancellation that races with the awaited result.
+        """
+        self._stopping = True
+        self._wake.set()
         if self._life is not None:
             self._life.cancel()
             await asyncio.gather(self._life, return_exceptions=True)
         await self._go_offline()
+
+    def drop_connection(self) -> None:
+        """Close the TCP connection without DISCONNECT, if still open (after the loop stopped, as a last resort)."""
+        self._client.drop()
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -129,7 +145,7 @@ class SimulatedDevice:
         """Stay connected until `end` (reconnecting with back-off); True when the device vanished (dropout) first."""
         delay = RECONNECT_MIN_DELAY_S
         self._vanished = False
-        while self._elapsed() < end:
+        while not self._stopping and self._elapsed() < end:
             self._lost = False
             self._wake.clear()
             if await self._client.connect():
@@ -171,7 +187,7 @@ class SimulatedDevice:
         """Abandon the round in progress, publish status 'offline' (retained) and disconnect cleanly."""
         if self._worker is not None:
             self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
+            await asyncio.wait([self._worker], timeout=STATUS_TIMEOUT_S)
         self._status = ("offline", None)
         if self.connected:
             acked = self._publish_status()
@@ -206,8 +222,8 @@ class SimulatedDevice:
         task, reason = task_to_train(payload, self.device_id, self._started_rounds, time.time())
         if reason:
             self._ignore(reason)
-        elif task is None:
-            return  # the server cleared the retained task
+        elif task is None or self._stopping:
+            return  # the server cleared the retained task, or the device is leaving for good
         elif self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._work(task))
         elif self._next_task is None or task.round >= self._next_task.round:
@@ -368,12 +384,12 @@ class SimulatedDevice:
 
     async def _sleep_until(self, elapsed: float) -> None:
         """Sleep until `elapsed` seconds after the fleet started."""
-        while (left := elapsed - self._elapsed()) > 0:
+        while not self._stopping and (left := elapsed - self._elapsed()) > 0:
             await asyncio.sleep(left)
 
     async def _wait_until(self, elapsed: float) -> None:
         """Sleep until `elapsed` seconds after the start (inf: forever); wake early on a lost or dropped connection."""
-        while not self._wake.is_set() and (left := elapsed - self._elapsed()) > 0:
+        while not (self._stopping or self._wake.is_set()) and (left := elapsed - self._elapsed()) > 0:
             try:
                 await asyncio.wait_for(self._wake.wait(), None if math.isinf(left) else left)
             except asyncio.TimeoutError:

@@ -9,7 +9,7 @@ import math
 import os
 import resource
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
 from device_runtime.connection import TlsFiles, parse_broker_url
@@ -100,15 +100,23 @@ class Fleet:
                     self.scenario.fleet, len(profiles), loops, self._workers, self._broker.host, self._broker.port)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Abandon rounds in progress, take every device offline cleanly (status 'offline'), stop the threads."""
+        """Abandon rounds in progress, take every device offline cleanly (status 'offline'), stop the threads.
+
+        Devices not offline within `timeout` seconds (a broker that stopped answering, say) are
+        named in an error log and their connections dropped, so stop() always returns.
+        """
         if not self._devices:
             return
         pending = [loop.submit(_shut_down(self._on(loop))) for loop in self._loops]
-        end = time.monotonic() + timeout
-        for future in pending:
-            future.result(max(0.0, end - time.monotonic()))
+        _, late = wait(pending, timeout)
+        if late:
+            stuck = [device.device_id for device in self._devices if not device.stopped]
+            logger.error("fleet %s: %d device(s) not offline within %.0f s, dropping their connections: %s",
+                         self.scenario.fleet, len(stuck), timeout, ", ".join(stuck[:20]))
         for loop in self._loops:
             loop.stop()
+        for device in self._devices:
+            device.drop_connection()
         self._connector.shutdown(wait=True, cancel_futures=True)
         self._trainer.close()
         self._final_stats = self.stats()

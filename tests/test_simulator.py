@@ -6,6 +6,7 @@ import json
 import os
 import re
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from device_runtime.model import TrainableModel
 from device_runtime.protocol import Task, decode_update, encode_weights, is_selected, payload_hash
 from device_runtime.protocol.topics import weights_topic
 from device_runtime.training import train_locally
+from fedge.broker import EmbeddedBroker
 from fedge.simulation.datasets import ClientData
 from simulator import Availability, Fleet, ScenarioError, load_scenario
 from simulator.cli import main as simulate_main
@@ -357,6 +359,24 @@ def test_tls_with_password(tls_broker, fleet_id, caplog):
     finally:
         for fleet in fleets:
             fleet.stop()
+
+
+def test_stop_returns_when_the_broker_stops_answering(fleet_id, caplog):
+    """A frozen broker (SIGSTOP) cannot acknowledge 'offline': stop() names the devices, drops them and returns."""
+    with EmbeddedBroker("mosquitto") as broker:
+        fleet = Fleet.from_scenario(scenario(fleet_id, {"name": "a", "count": 3}), broker.url,
+                                    client_data=client_data(3), workers=1)
+        fleet.start()
+        assert fleet.wait_connected(timeout=TIMEOUT_S)
+        os.kill(broker.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            fleet.stop(timeout=1.0)
+            assert time.monotonic() - started < 4.0
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+    assert f"fleet {fleet_id}: 3 device(s) not offline within 1 s" in caplog.text
+    assert set(fleet.stats()) == set(fleet.device_ids)  # the final counters survive the forced stop
 
 
 # ---------------------------------------------------------------------------------------------- scale
