@@ -28,10 +28,11 @@ def metric_variable_names(track_accuracy: bool) -> list[str]:
 
 def find_logits_node(graph: ModelGraph, loss: LossSpec) -> Node | None:
     """The final softmax/sigmoid node whose input Keras would use as logits for `loss`, if any."""
-    if loss.name not in CROSS_ENTROPIES or not graph.nodes:
-        return None
+    if loss.name not in CROSS_ENTROPIES or not graph.nodes or loss.ignore_class is not None:
+        return None  # Keras' ignore_class masks the output first, which hides the softmax from it
     last = graph.nodes[graph.output - 1]
-    if isinstance(last.lowering, ActivationLowering) and last.lowering.name in LOGIT_ACTIVATIONS:
+    if isinstance(last.lowering, ActivationLowering) and last.lowering.name in LOGIT_ACTIVATIONS \
+            and not getattr(last.lowering, "hides_logits", False):
         return last
     return None
 

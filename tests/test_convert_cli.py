@@ -89,16 +89,17 @@ def test_mobilenet_style_converts_builtin_only_and_trains(tmp_path, capsys):
 
 
 def test_unsupported_layer_is_a_clear_message_not_a_stack_trace(tmp_path):
-    model = keras.Sequential([keras.Input((5, 3)), keras.layers.LSTM(4, name="my_lstm"), keras.layers.Dense(2)])
-    saved = tmp_path / "lstm.keras"
+    model = keras.Sequential([keras.Input((5, 3)), keras.layers.Conv1D(4, 3, name="my_conv1d"), keras.layers.Flatten(),
+                              keras.layers.Dense(2)])
+    saved = tmp_path / "conv1d.keras"
     model.save(saved)
     run = subprocess.run([sys.executable, "-m", "fedge.cli", "convert", str(saved), "--loss", "mean_squared_error",
                           "--batch-size", "4"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
     message = [line for line in run.stderr.splitlines() if line.startswith("fedge convert:")]
-    assert message and "my_lstm" in message[0] and "LSTM" in message[0] and "Dense, " in message[0], run.stderr
-    assert not (tmp_path / "lstm.tflite").exists()
+    assert message and "my_conv1d" in message[0] and "Conv1D" in message[0] and "Dense, " in message[0], run.stderr
+    assert not (tmp_path / "conv1d.tflite").exists()
 
 
 def test_inspect_reports_tampering_and_rejects_garbage(tmp_path, capsys):

@@ -525,6 +525,60 @@ def test_shakespeare_tff_h5(tmp_path: Path) -> None:
         shakespeare.load_tff_h5(tmp_path / "bad.h5")
 
 
+PLAY = """First Citizen:
+Before we proceed any further, hear me speak.
+
+All:
+Speak, speak.
+
+First Citizen:
+You are all resolved rather to die than to famish?
+Resolved: resolved.
+"""
+
+
+def test_read_play_splits_speeches_by_speaker(tmp_path: Path) -> None:
+    (tmp_path / "play.txt").write_text(PLAY)
+    speeches = shakespeare.read_play(tmp_path / "play.txt")
+    assert list(speeches) == ["First Citizen", "All"]
+    assert speeches["First Citizen"] == ["Before we proceed any further, hear me speak.",
+                                         "You are all resolved rather to die than to famish?\nResolved: resolved."]
+    assert speeches["All"] == ["Speak, speak."]
+    (tmp_path / "bad.txt").write_text("First Citizen:\nSpeak.\n\nno heading here\nat all\n")
+    with pytest.raises(ValueError, match=r"bad.txt:4: .*'Name:'"):
+        shakespeare.read_play(tmp_path / "bad.txt")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="no speech"):
+        shakespeare.read_play(tmp_path / "empty.txt")
+
+
+def test_snippet_sequences_shift_by_one_and_pad_the_last_chunk() -> None:
+    x, y = shakespeare.snippet_sequences(["abcd", "ef"], seq_length=3)
+    bos, eos = shakespeare.BOS_ID, shakespeare.EOS_ID
+    ids = [bos, *shakespeare.encode("abcd"), eos, bos, *shakespeare.encode("ef"), eos]  # 10 ids, chunks of 4
+    assert x.dtype == y.dtype == np.int32 and x.shape == y.shape == (3, 3)
+    assert x.tolist() == [ids[0:3], ids[4:7], [ids[8], ids[9], 0]]
+    assert y.tolist() == [ids[1:4], ids[5:8], [ids[9], 0, 0]]
+    x, y = shakespeare.snippet_sequences(["abc"], seq_length=4)  # exactly one chunk of 5 ids
+    assert x.shape == (1, 4) and shakespeare.PAD_ID not in y
+    with pytest.raises(ValueError, match="seq_length"):
+        shakespeare.snippet_sequences(["abc"], seq_length=0)
+
+
+def test_load_play_text_gives_a_client_per_role(tmp_path: Path) -> None:
+    (tmp_path / "play.txt").write_text(PLAY)
+    data = shakespeare.load_play_text(tmp_path / "play.txt", seq_length=8)
+    assert sorted(data.client_ids) == ["All", "First Citizen"]
+    bos, eos = shakespeare.BOS_ID, shakespeare.EOS_ID
+    for role, speeches in shakespeare.read_play(tmp_path / "play.txt").items():
+        ds = data.create_dataset_for_client(role)
+        assert ds.x.shape[1] == ds.y.shape[1] == 8
+        stream = np.concatenate([np.concatenate([x[:1], y]) for x, y in zip(ds.x, ds.y)])
+        expected = np.concatenate([[bos, *shakespeare.encode(speech), eos] for speech in speeches])
+        assert stream[stream != shakespeare.PAD_ID].tolist() == expected.tolist()
+        assert len(stream) - len(expected) < 9, "only the last chunk is padded"
+
+
 def test_package_exports() -> None:
     assert datasets.ClientData is ClientData and datasets.train_test_client_split is ClientData.train_test_client_split
     assert set(datasets.__all__) >= {"ClientData", "ClientDataset", "partition", "digits", "emnist", "shakespeare"}

@@ -37,3 +37,21 @@ def test_convert_and_train_learns_digits(tmp_path):
     test_accuracy = float(last.split("test loss")[1].split("accuracy")[1].split()[0])
     assert test_accuracy > 0.85, last
     assert (tmp_path / "digits_cnn.tflite").stat().st_size > 0
+
+
+def test_text_generation_loss_falls_and_forward_samples_text(tmp_path):
+    lines = ["Now is the winter of our discontent", "Made glorious summer by this sun of York;",
+             "And all the clouds that lour'd upon our house", "In the deep bosom of the ocean buried."]
+    play = "".join(f"{role}:\n" + "\n".join(lines[i % 4:] + lines[:i % 4]) + "\n\n"
+                   for i, role in enumerate(["GLOUCESTER", "CLARENCE", "BRAKENBURY", "HASTINGS"] * 6))
+    (tmp_path / "play.txt").write_text(play)
+    out = run_example("text_generation.py", "--text", str(tmp_path / "play.txt"), "--rounds", "4",
+                      "--clients-per-round", "3", "--seq-length", "16", "--units", "32",
+                      "--prompt", "GLOUCESTER:\n", "--generate", "40")
+    assert "4 speaking roles" in out
+    losses = [float(line.split("loss=", 1)[1].split(",")[0]) for line in out.splitlines() if line.startswith("round ")]
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.3, losses
+    samples = out.split("(forward signature, LiteRT) ---\n")[1:]
+    assert len(samples) == 2
+    assert all(s.startswith("GLOUCESTER:\n") and len(s.split("\n---")[0].rstrip("\n")) >= len("GLOUCESTER:\n") + 30
+               for s in samples)

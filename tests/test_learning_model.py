@@ -119,6 +119,28 @@ def test_lower_gives_a_builtin_artifact_with_the_keras_weights_that_trains_in_li
     assert getattr(keras_model, "optimizer", None) is None and not keras_model.compiled
 
 
+def test_sequence_model_with_padding_positions_reports_the_artifacts_metrics():
+    """ignore_class: the TF forward_pass and the artifact both average a row over its non-padding positions."""
+    keras.utils.set_random_seed(0)
+    keras_model = keras.Sequential([keras.Input((6,), dtype="int32"), keras.layers.Embedding(7, 3),
+                                    keras.layers.GRU(5, return_sequences=True), keras.layers.Dense(7)])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=0)
+    spec = (tf.TensorSpec([None, 6], tf.int32), tf.TensorSpec([None, 6], tf.int32))
+    model = from_keras_model(keras_model, loss, input_spec=spec, metrics=["accuracy"])
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(1, 7, (5, 6)).astype(np.int32), rng.integers(1, 7, (5, 6)).astype(np.int32)
+    for row in range(5):
+        y[row, 6 - row:] = 0  # row i ends in i padding positions
+    artifact = TrainableModel(model.lower(batch_size=4, optimizer=keras.optimizers.SGD(0.1)).tflite_bytes)
+    for xb, yb, mask in iterate_batches(x, y, 4):
+        artifact.evaluate_step(xb, yb, mask)
+    evaluated = artifact.reset_metrics()
+    model.forward_pass((x, y), training=False)
+    reported = model.report_local_unfinalized_metrics()
+    for name in ("loss_sum", "num_examples", "correct"):
+        np.testing.assert_allclose(evaluated[name], float(reported[name]), rtol=1e-5)
+
+
 class SoftmaxRegression(Model):
     """The docs' custom model: multinomial logistic regression written directly in TensorFlow."""
 

@@ -573,13 +573,13 @@ def test_dropout_is_stochastic_in_training_only():
 
 # ----------------------------------------------------------------------------- unsupported
 
-def test_unsupported_layer_lstm():
-    model = kref.build_model(lambda: seq((5, 3), L.LSTM(4, name="my_lstm"), L.Dense(2)))
+def test_unsupported_layer_conv1d():
+    model = kref.build_model(lambda: seq((5, 3), L.Conv1D(4, 3, name="my_conv1d"), L.Flatten(), L.Dense(2)))
     with pytest.raises(UnsupportedLayerError) as excinfo:
         convert_keras_model(model, loss=SCCE, optimizer="sgd", batch_size=4)
     assert isinstance(excinfo.value, ConversionError)
     msg = str(excinfo.value)
-    assert "my_lstm" in msg and "LSTM" in msg
+    assert "my_conv1d" in msg and "Conv1D" in msg
     assert "Dense" in msg and "Conv2D" in msg  # lists the supported layers
 
 

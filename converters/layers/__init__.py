@@ -16,6 +16,7 @@ from converters.layers.merge import AddLowering, ConcatenateLowering
 from converters.layers.normalization import BatchNormalizationLowering
 from converters.layers.pooling import (AveragePooling2DLowering, GlobalAveragePooling2DLowering,
                                        MaxPooling2DLowering)
+from converters.layers.recurrent import GRULowering, LSTMLowering, SimpleRNNLowering
 
 __all__ = ["ForwardContext", "Lowering", "SUPPORTED_LAYERS", "lower_layer"]
 
@@ -35,6 +36,9 @@ _PLAIN: dict[type, type[Lowering]] = {
     keras.layers.Embedding: EmbeddingLowering,
     keras.layers.Add: AddLowering,
     keras.layers.Concatenate: ConcatenateLowering,
+    keras.layers.SimpleRNN: SimpleRNNLowering,
+    keras.layers.GRU: GRULowering,
+    keras.layers.LSTM: LSTMLowering,
 }
 
 
@@ -58,12 +62,20 @@ def _activation_layer_name(layer: Any) -> str:
 _ACTIVATION_LAYERS: tuple[type, ...] = (keras.layers.Activation, keras.layers.ReLU, keras.layers.Softmax)
 
 SUPPORTED_LAYERS: tuple[str, ...] = tuple(sorted(
-    cls.__name__ for cls in (*_WITH_ACTIVATION, *_PLAIN, *_ACTIVATION_LAYERS)))
+    cls.__name__ for cls in (*_WITH_ACTIVATION, *_PLAIN, *_ACTIVATION_LAYERS, keras.layers.TimeDistributed)))
 
 
 def lower_layer(layer: Any, weight_index: Callable[[Any], int]) -> list[Lowering]:
     """The lowerings for one Keras layer, in execution order (a layer with an `activation=`
     becomes its core followed by an activation)."""
+    if type(layer) is keras.layers.TimeDistributed:  # Dense already maps the last axis of [B, T, F]
+        if type(layer.layer) is not keras.layers.Dense:
+            raise UnsupportedLayerError(f"layer '{layer.name}' (TimeDistributed): wrapping "
+                                        f"{type(layer.layer).__name__} is not supported (only Dense)")
+        lowerings = lower_layer(layer.layer, weight_index)
+        for lowering in lowerings:  # Keras reshapes the wrapped output: a loss cannot find the logits
+            lowering.hides_logits = True
+        return lowerings
     indices = [weight_index(variable) for variable in layer.weights]
     for cls, lowering in _WITH_ACTIVATION.items():
         if type(layer) is cls:

@@ -17,7 +17,7 @@ import tensorflow as tf
 from converters import ConversionResult, convert_keras_model
 from converters.convert import keras_data_specs, keras_metric_finalizers, tracks_accuracy
 from converters.graph import build_graph
-from converters.losses import correct_predictions, loss_spec
+from converters.losses import correct_predictions, loss_spec, valid_positions
 from converters.trainer import find_logits_node, metric_variable_names
 from fedge.learning.model import BatchOutput, Model, unpack_batch
 
@@ -117,8 +117,12 @@ class KerasModel(Model):
         x, y, mask = unpack_batch(batch_input)
         x, y = tf.cast(x, self._data_dtypes[0]), tf.cast(y, self._data_dtypes[1])
         predictions = self._keras_model(x, training=training)
-        losses = self._unreduced_loss(y, predictions)
-        per_example = tf.reduce_mean(tf.reshape(losses, [tf.shape(losses)[0], -1]), axis=1)
+        losses = tf.reshape(self._unreduced_loss(y, predictions), [tf.shape(y)[0], -1])
+        if self._loss_spec.ignore_class is None:
+            per_example = tf.reduce_mean(losses, axis=1)
+        else:  # a row's loss is the mean over its positions that are not padding, as in the artifact
+            valid = tf.reshape(valid_positions(self._loss_spec, y), tf.shape(losses))
+            per_example = tf.reduce_sum(losses * valid, axis=1) / tf.maximum(tf.reduce_sum(valid, axis=1), 1.0)
         count = tf.reduce_sum(mask)
         loss_sum = tf.reduce_sum(per_example * mask)
         self._metric_variables["loss_sum"].assign_add(loss_sum)

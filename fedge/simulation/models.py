@@ -28,3 +28,15 @@ def digits_cnn(num_classes: int = 10) -> keras.Model:
         layers.GlobalAveragePooling2D(),
         layers.Dense(num_classes, activation="softmax"),
     ], name="digits_cnn")
+
+
+def char_gru(seq_length: int = 80, embedding_dim: int = 8, units: int = 256, vocab_size: int = 90) -> keras.Model:
+    """TFF's text-generation model: Embedding -> GRU over `seq_length` character ids -> next-character
+    logits per position (228,138 parameters with the defaults, the vocabulary of datasets.shakespeare)."""
+    layers = keras.layers
+    return keras.Sequential([
+        keras.Input((seq_length,), dtype="int32"),
+        layers.Embedding(vocab_size, embedding_dim),
+        layers.GRU(units, return_sequences=True),
+        layers.Dense(vocab_size),
+    ], name="char_gru")

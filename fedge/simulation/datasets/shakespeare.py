@@ -1,10 +1,12 @@
-"""Federated Shakespeare (next-character prediction) from LEAF JSON or TFF's `shakespeare*.h5`.
+"""Federated Shakespeare (next-character prediction) from LEAF JSON, TFF's `shakespeare*.h5` or play text.
 
 Characters map to ids with TFF's vocabulary so models match TFF's: 0 is padding, the 86
 characters of `CHAR_VOCAB` are 1..86, anything else is `OOV_ID` (87); TFF also reserves 88 and
 89 for begin/end of snippet, hence `VOCAB_SIZE` 90. Both loaders give ClientData with x int32
 [N, seq_length] (the preceding characters) and y int32 [N] (the next character), one client
 per speaking role; `load_leaf_text` and `load_tff_h5_text` return the raw strings.
+`load_play_text` reads a play (`Name:` on its own line, then the speech) into TFF's text
+tutorial's sequences: x and y int32 [N, seq_length], y being x shifted by one character.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from fedge.simulation.datasets.client_data import ClientData, ClientDataset
 CHAR_VOCAB = "dhlptx@DHLPTX $(,048cgkoswCGKOSW[_#'/37;?bfjnrvzBFJNRVZ\"&*.26:\naeimquyAEIMQUY]!%)-159\r"
 PAD_ID = 0
 OOV_ID = len(CHAR_VOCAB) + 1
+BOS_ID = len(CHAR_VOCAB) + 2  # begin and end of a snippet (a speech), as TFF's tutorial marks them
+EOS_ID = len(CHAR_VOCAB) + 3
 VOCAB_SIZE = len(CHAR_VOCAB) + 4
 SEQUENCE_LENGTH = 80
 
@@ -107,3 +111,52 @@ def _snippets(path: str | Path, client_id: str) -> list[str]:
     """One client's snippets as str (h5py returns variable-length strings as bytes)."""
     raw = _h5.read_client(path, client_id, ("snippets",))["snippets"]
     return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in np.atleast_1d(raw).tolist()]
+
+
+def read_play(path: str | Path) -> dict[str, list[str]]:
+    """The speeches of a play, `{role: [speech, ...]}` in order of first appearance.
+
+    Speeches are blocks separated by blank lines; each starts with the speaker's `Name:` on its
+    own line (the layout of tinyshakespeare.txt). ValueError names the line of a block without one.
+    """
+    speeches: dict[str, list[str]] = {}
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    block: list[tuple[int, str]] = []
+    for number, line in enumerate([*lines, ""], start=1):
+        if line.strip():
+            block.append((number, line))
+            continue
+        if block:
+            first_line, heading = block[0]
+            role = heading.strip()[:-1].strip()
+            if not heading.strip().endswith(":") or not role or ":" in role:
+                raise ValueError(f"{path}:{first_line}: a speech must start with 'Name:' on its own line, "
+                                 f"got {heading!r}")
+            text = "\n".join(text for _, text in block[1:])
+            if text:
+                speeches.setdefault(role, []).append(text)
+            block = []
+    if not speeches:
+        raise ValueError(f"{path}: no speech found (expected blocks of 'Name:' then its lines)")
+    return speeches
+
+
+def snippet_sequences(snippets: list[str], seq_length: int = SEQUENCE_LENGTH) -> tuple[np.ndarray, np.ndarray]:
+    """TFF's text-tutorial examples of one client: its snippets as ids, each between BOS and EOS,
+    concatenated and cut into chunks of seq_length + 1; x is a chunk without its last id, y
+    without its first (the next character at every position). The last chunk is PAD-filled
+    instead of dropped, so a loss with `ignore_class=PAD_ID` skips exactly the padding."""
+    seq_length = require_int("seq_length", seq_length, 1)
+    ids = np.concatenate([np.zeros(0, np.int32), *[np.concatenate([[BOS_ID], encode(s), [EOS_ID]]) for s in snippets]])
+    chunks = -(-len(ids) // (seq_length + 1))
+    padded = np.full(chunks * (seq_length + 1), PAD_ID, np.int32)
+    padded[: len(ids)] = ids
+    padded = padded.reshape(chunks, seq_length + 1)
+    return padded[:, :-1], padded[:, 1:]
+
+
+def load_play_text(path: str | Path, seq_length: int = SEQUENCE_LENGTH) -> ClientData:
+    """A play's speaking roles as clients (`read_play`), each with `snippet_sequences` of its speeches."""
+    require_int("seq_length", seq_length, 1)
+    return ClientData.from_arrays({role: snippet_sequences(speeches, seq_length)
+                                   for role, speeches in read_play(path).items()})
