@@ -26,6 +26,7 @@ from device_runtime.protocol import (
 )
 from device_runtime.protocol.topics import (model_topic, status_topic, task_topic, update_topic,
                                             weights_topic)
+from device_runtime.signing import Ed25519PublicKey, TaskVerifier
 from device_runtime.training import train_locally
 
 logger = logging.getLogger(__name__)
@@ -66,14 +67,18 @@ class DeviceAgent:
         tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        server_public_key: Ed25519PublicKey | None = None,
         num_threads: int | None = None,
         clock: Callable[[], float] = time.time,
         model_fetch_timeout: float = MODEL_FETCH_TIMEOUT_S,
         publish_timeout: float = PUBLISH_TIMEOUT_S,
     ) -> None:
-        """Check the arguments and load the local data; nothing touches the network before start()."""
+        """Check the arguments and load the local data; nothing touches the network before start().
+
+        With `server_public_key` the agent runs only tasks signed by that key (device_runtime.signing)."""
         self.fleet, self.device_id = fleet, device_id
         self._task_topic = task_topic(fleet)
+        self._verifier = TaskVerifier(self._task_topic, server_public_key)
         self._status_topic = status_topic(fleet, device_id)
         self._update_topic = update_topic(fleet, device_id)
         if num_threads is not None and (isinstance(num_threads, bool) or num_threads < 1):
@@ -180,7 +185,8 @@ class DeviceAgent:
         """Decode a task and queue it for the worker unless it is malformed, stale or not for this device."""
         self._count("tasks_received")
         with self._lock:
-            task, reason = task_to_train(payload, self.device_id, self._started_rounds, self._clock())
+            task, reason = task_to_train(payload, self.device_id, self._started_rounds, self._clock(),
+                                         self._verifier)
         if reason:
             self._ignore(reason)
         elif task is not None:
@@ -283,13 +289,14 @@ class DeviceAgent:
             self._count("models_from_cache")
             logger.info("round %d: model %s from the cache", task.round, task.model_hash)
             return cached
-        payload = self._download(task, model_topic(self.fleet, task.model_hash), "model", lambda payload: True)
+        topic = model_topic(self.fleet, task.model_hash)
+        payload = self._download(task, topic, "model", lambda payload: True)
         if payload is None:
             return None
         try:
             checked_model(payload, task)
         except ArtifactError as error:
-            logger.error("round %d: refusing the model published for %s: %s", task.round, task.model_hash, error)
+            logger.error("round %d: refusing the model on %s: %s", task.round, topic, error)
             return None
         self.cache.put(payload)
         self._count("models_downloaded")

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-ca", metavar="PEM", help="CA bundle to verify the broker (default: system CAs)")
     parser.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS")
     parser.add_argument("--tls-key", metavar="PEM", help="client private key for mutual TLS")
+    parser.add_argument("--server-public-key", metavar="PEM",
+                        help="the server's Ed25519 public key: run only tasks it signed (without it, tasks are "
+                             "not authenticated)")
     parser.add_argument("--cache-dir", default=str(default_cache_dir()),
                         help="where downloaded models are cached (default: %(default)s)")
     parser.add_argument("--num-threads", type=positive(int), metavar="N",
@@ -82,13 +85,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"a password (--password or {PASSWORD_ENV}) needs --username")
 
     from device_runtime.agent import DeviceAgent  # after parsing: --help stays fast
+    from device_runtime.signing import key_id, load_public_key
 
     try:
+        public_key = None if args.server_public_key is None else load_public_key(args.server_public_key)
         agent = DeviceAgent(args.broker, args.fleet, args.device_id, args.data, cache_dir=args.cache_dir,
                             username=args.username, password=password, tls_ca=args.tls_ca,
-                            tls_cert=args.tls_cert, tls_key=args.tls_key, num_threads=args.num_threads)
+                            tls_cert=args.tls_cert, tls_key=args.tls_key, server_public_key=public_key,
+                            num_threads=args.num_threads)
     except (ValueError, TypeError, OSError) as error:
         parser.exit(2, f"fedge-device: error: {error}\n")
+    if public_key is None:
+        logger.warning("no --server-public-key: tasks and models are not authenticated (unsigned operation)")
+    else:
+        logger.info("running only tasks signed by server key %s", key_id(public_key))
 
     stop = stop_on_signals()
     agent.start()

@@ -5,13 +5,17 @@ The MQTT device agent and the fleet simulator's emulated devices follow the same
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Container
 
 from device_runtime.artifact import ArtifactError, verify_content_hash
 from device_runtime.protocol import ModelUpdate, ProtocolError, Task, decode_task, encode_update, is_selected
 from device_runtime.protocol.topics import hash_hex
+from device_runtime.signing import SignatureError, TaskVerifier
 from device_runtime.training import LocalResult
+
+logger = logging.getLogger(__name__)
 
 
 def skip_reason(task: Task, device_id: str, started_rounds: Container[int], now: float) -> str | None:
@@ -25,14 +29,18 @@ def skip_reason(task: Task, device_id: str, started_rounds: Container[int], now:
     return None
 
 
-def task_to_train(payload: bytes, device_id: str, started_rounds: Container[int],
-                  now: float) -> tuple[Task | None, str | None]:
+def task_to_train(payload: bytes, device_id: str, started_rounds: Container[int], now: float,
+                  verifier: TaskVerifier | None = None) -> tuple[Task | None, str | None]:
     """(task, None) if this device should train the task payload, (None, why not) if not, (None, None)
-    for an empty payload (the server cleared its retained task)."""
+    for an empty payload (the server cleared its retained task). `verifier` checks the signature first
+    (None: unsigned operation); a refused signature is also logged as a warning naming the topic."""
     if not payload:
         return None, None
     try:
-        task = decode_task(payload)
+        task = decode_task(payload if verifier is None else verifier.open(payload))
+    except SignatureError as error:
+        logger.warning("%s: refusing the task on %s: %s", device_id, verifier.topic, error)
+        return None, f"refused task: {error}"
     except ProtocolError as error:
         return None, f"malformed task: {error}"
     reason = skip_reason(task, device_id, started_rounds, now)

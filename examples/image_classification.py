@@ -6,6 +6,8 @@ scikit-learn's handwritten digits (bundled, no download) are split over non-IID 
 metrics in TFF's structure; the final model is evaluated on held-out digits.
 
     python examples/image_classification.py [--rounds 30] [--clients-per-round 10]
+    python examples/image_classification.py --aggregator median        # robust to poisoned clients
+    python examples/image_classification.py --aggregator dp --noise-multiplier 0.5 --clip-norm 1.0   # DP-FedAvg
 """
 
 from __future__ import annotations
@@ -48,7 +50,18 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=5)
     parser.add_argument("--learning-rate", type=float, default=0.1, help="client SGD learning rate")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--aggregator", choices=["mean", "median", "trimmed_mean", "dp"], default="mean",
+                        help="FedAvg's mean, a robust median or trimmed mean, or DP-FedAvg")
+    parser.add_argument("--clip-norm", type=float, default=1.0, help="DP-FedAvg: each update's L2 norm bound S")
+    parser.add_argument("--noise-multiplier", type=float, default=0.5, help="DP-FedAvg: noise std z * S on the sum")
     args = parser.parse_args()
+    aggregators = {
+        "mean": fedge.learning.MeanAggregator,
+        "median": fedge.learning.CoordinateMedian,
+        "trimmed_mean": lambda: fedge.learning.TrimmedMean(trim_fraction=0.2),
+        "dp": lambda: fedge.learning.GaussianFixedDP(args.noise_multiplier, args.clients_per_round, args.clip_norm,
+                                                     sampling_probability=args.clients_per_round / args.clients),
+    }
 
     keras.utils.set_random_seed(args.seed)
     train_data, test_data = digits.load_data(num_clients=args.clients, partition="dirichlet", alpha=args.alpha,
@@ -61,7 +74,8 @@ def main() -> None:
         model_fn,
         client_optimizer_fn=lambda: keras.optimizers.SGD(learning_rate=args.learning_rate, momentum=0.9),
         server_optimizer_fn=lambda: fedge.learning.optimizers.SGD(learning_rate=1.0),
-        batch_size=16, client_epochs=args.local_epochs, seed=args.seed)
+        batch_size=16, client_epochs=args.local_epochs, seed=args.seed,
+        model_aggregator=aggregators[args.aggregator]())  # dp: metrics["aggregator"]["dp_epsilon"] each round
     evaluation = fedge.learning.build_federated_evaluation(model_fn, batch_size=16)
     state = process.initialize()
 

@@ -1,5 +1,5 @@
 """The `fedge` command: `fedge convert` lowers a saved Keras model, `fedge inspect` reads an artifact,
-`fedge serve` runs federated rounds over MQTT.
+`fedge serve` runs federated rounds over MQTT, `fedge broker-config` and `fedge signing-key` secure a fleet.
 
 TensorFlow is imported only by `convert` and `serve`; `inspect` needs the device-side dependencies alone.
 """
@@ -127,6 +127,27 @@ def serve_command(args: argparse.Namespace) -> int:
     return serve(args, password)
 
 
+def add_aggregator_arguments(parser: argparse.ArgumentParser) -> None:
+    """The aggregator options of `fedge serve` and `fedge simulate` (fedge.server.serve.model_aggregator reads them)."""
+    parser.add_argument("--aggregator", choices=["mean", "median", "trimmed_mean"], default="mean",
+                        help="how updates are combined: the weighted mean (FedAvg), or the coordinate-wise median or "
+                             "trimmed mean, which resist poisoned updates but hold every update of a round in memory "
+                             "(default: %(default)s)")
+    parser.add_argument("--trim-fraction", type=float, metavar="F",
+                        help="trimmed_mean: the fraction of reports dropped at each end of every coordinate, "
+                             "in [0, 0.5) (default: 0.1)")
+    parser.add_argument("--clip-norm", type=positive(float), metavar="S",
+                        help="clip every update to L2 norm S before aggregating (with DP: DP-FedAvg's clip)")
+    parser.add_argument("--dp-noise-multiplier", type=positive(float), metavar="Z",
+                        help="DP-FedAvg: Gaussian noise of std Z*S on the sum of clipped updates, divided by "
+                             "--clients-per-round; needs --clip-norm; epsilon goes into the metrics log")
+    parser.add_argument("--dp-delta", type=float, metavar="DELTA",
+                        help="the delta epsilon is reported at (default: 1e-5)")
+    parser.add_argument("--dp-population", type=positive(int), metavar="N",
+                        help="devices in the fleet: epsilon counts sampling K of N per round (default: every round "
+                             "counts as if every device took part)")
+
+
 def _add_serve_parser(commands: Any) -> None:
     """`fedge serve`'s arguments."""
     serve = commands.add_parser("serve", help="run federated rounds over MQTT (resumes from its checkpoint)")
@@ -159,6 +180,7 @@ def _add_serve_parser(commands: Any) -> None:
     serve.add_argument("--server-learning-rate", type=positive(float),
                        help="default: 1.0 for sgd, 0.01 for the adaptive optimizers")
     serve.add_argument("--server-momentum", type=float, default=0.0, help="sgd momentum (FedAvgM)")
+    add_aggregator_arguments(serve)
     serve.add_argument("--eval-data", metavar="NPZ", help="held-out examples (x, y) evaluated in-process")
     serve.add_argument("--eval-every", type=positive(int), default=1, metavar="N",
                        help="evaluate every N rounds and after the last (default: %(default)s)")
@@ -172,8 +194,74 @@ def _add_serve_parser(commands: Any) -> None:
     serve.add_argument("--tls-ca", metavar="PEM", help="CA bundle to verify the broker")
     serve.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS")
     serve.add_argument("--tls-key", metavar="PEM", help="client private key for mutual TLS")
+    serve.add_argument("--signing-key", metavar="PEM",
+                       help="Ed25519 private key that signs every task (fedge signing-key); devices verify with its "
+                            "public key")
     serve.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.set_defaults(run=serve_command)
+
+
+def signing_key_command(args: argparse.Namespace) -> int:
+    """Write a new Ed25519 task-signing key pair (the private key never overwrites an existing file)."""
+    from device_runtime.signing import write_signing_key
+
+    public = args.public or str(Path(args.private).with_suffix("")) + ".pub.pem"
+    try:
+        kid = write_signing_key(args.private, public)
+    except FileExistsError:
+        print(f"fedge signing-key: error: {args.private} exists; a signing key is never overwritten", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"fedge signing-key: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.private} (private: fedge serve --signing-key) and {public} (public: fedge-device "
+          f"--server-public-key); key id {kid}")
+    return 0
+
+
+def broker_config_command(args: argparse.Namespace) -> int:
+    """Write a fleet's Mosquitto configuration: CA, server certificate, passwords, ACLs (fedge.broker_config)."""
+    from fedge.broker_config import write_broker_config
+
+    devices = list(args.devices or [])
+    try:
+        if args.devices_file:
+            devices += [line.strip() for line in Path(args.devices_file).read_text().splitlines() if line.strip()]
+        files = write_broker_config(args.directory, args.fleet, devices, hostnames=args.hostname or
+                                    ("localhost", "127.0.0.1"), port=args.port, bind=args.bind,
+                                    server_user=args.server_user, client_certs=args.client_certs)
+    except (OSError, ValueError) as error:
+        print(f"fedge broker-config: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote the broker configuration of fleet {args.fleet!r} ({len(devices)} devices) to {files.directory}\n"
+          f"  start:       mosquitto -c {files.config}\n"
+          f"  CA for TLS:  {files.ca_cert} (--tls-ca on the server and every device)\n"
+          f"  passwords:   {files.credentials} (user name -> password; keep it secret)")
+    return 0
+
+
+def _add_security_parsers(commands: Any) -> None:
+    """`fedge broker-config` and `fedge signing-key`."""
+    broker = commands.add_parser("broker-config", help="write a Mosquitto configuration for a fleet: TLS (a new CA), "
+                                 "per-device passwords, topic ACLs, no anonymous clients")
+    broker.add_argument("directory", help="where the files go (re-running keeps the CA and existing passwords)")
+    broker.add_argument("--fleet", required=True, help="fleet id: topics live under fedge/<fleet>/")
+    broker.add_argument("--devices", nargs="*", metavar="ID", help="device ids (each is its MQTT user name)")
+    broker.add_argument("--devices-file", metavar="FILE", help="more device ids, one per line")
+    broker.add_argument("--hostname", action="append", metavar="NAME",
+                        help="a host name or IP address the server certificate names (repeatable; "
+                             "default: localhost and 127.0.0.1)")
+    broker.add_argument("--port", type=int, default=8883, help="TLS listener port (default: %(default)s)")
+    broker.add_argument("--bind", metavar="ADDRESS", help="listen on this address only (default: every interface)")
+    broker.add_argument("--server-user", default="fedge-server", help="the server's user name (default: %(default)s)")
+    broker.add_argument("--client-certs", action="store_true",
+                        help="also issue a client certificate per account and require one (mutual TLS)")
+    broker.set_defaults(run=broker_config_command)
+
+    signing = commands.add_parser("signing-key", help="write a new Ed25519 key pair that signs tasks")
+    signing.add_argument("private", help="the private key's PEM file (created with mode 0600; never overwritten)")
+    signing.add_argument("--public", help="the public key's PEM file (default: <private without .pem>.pub.pem)")
+    signing.set_defaults(run=signing_key_command)
 
 
 def simulate_command(args: argparse.Namespace) -> int:
@@ -208,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser("simulate", help="the main job: a federated simulation of a device fleet "
                                    "(embedded broker, server, simulated devices) with a report folder")
     add_simulate_arguments(simulate)
+    add_aggregator_arguments(simulate)
     simulate.set_defaults(run=simulate_command)
 
     inspect = commands.add_parser("inspect", help="show an artifact's signatures, operators and manifest")
@@ -216,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(run=inspect_command)
 
     _add_serve_parser(commands)
+    _add_security_parsers(commands)
     return parser
 
 

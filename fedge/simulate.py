@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from fedge.report import write_report
     from fedge.server.mqtt_executor import MqttExecutor
     from fedge.server.rounds import FederatedServer, ServerSettings
+    from fedge.server.serve import UsageError, model_aggregator
     from fedge.simulation import models
     from simulator.fleet import Fleet
     from simulator.scenario import load_scenario
@@ -85,6 +86,11 @@ def run(args: argparse.Namespace) -> int:
     scenario = load_scenario(_scenario_path(args.scenario))
     if scenario.data is None or scenario.data.dataset != "digits":
         console.print("fedge simulate: the scenario needs a [data] section with dataset = \"digits\"")
+        return 2
+    try:
+        aggregator = model_aggregator(args)
+    except (UsageError, ValueError) as error:
+        console.print(f"fedge simulate: {error}")
         return 2
     train_clients, test_data = scenario.load_data()
     keras.utils.set_random_seed(scenario.seed)
@@ -104,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
                                 min_reports=min(args.min_reports, args.clients_per_round),
                                 deadline_s=args.deadline, encoding=args.encoding)
         process = LearningProcess(artifact, finalizers, ClientWork(args.local_epochs, None, None, scenario.seed, None),
-                                  ClientWeighting.NUM_EXAMPLES, optimizers.SGD(1.0), executor)
+                                  ClientWeighting.NUM_EXAMPLES, optimizers.SGD(1.0), executor, aggregator)
         evaluation = FederatedEvaluation(artifact, finalizers, InProcessExecutor(num_workers=0))
         fleet = Fleet.from_scenario(scenario, url, client_data=train_clients)
         with Progress(TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -119,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
                     f"round {record['round'] + 1:3d}{outcome}  reports {record['accepted']:2d}/{record['selected']:<2d} "
                     f"dropped {dropped:2d}  loss {record.get('train_loss', math.nan):.3f} acc "
                     f"{record.get('train_accuracy', math.nan):.3f}  held-out {record.get('eval_accuracy', math.nan):.3f}"
-                    f"  {(record['bytes_up'] + record['bytes_down']) / 1e3:4.0f} kB {record['seconds']:4.1f} s",
+                    f"  {(record['bytes_up'] + record['bytes_down']) / 1e3:4.0f} kB {record['seconds']:4.1f} s"
+                    + (f"  epsilon {record['dp_epsilon']:.2f}" if "dp_epsilon" in record else ""),
                     highlight=False)
                 progress.update(bar, advance=1, description=f"held-out accuracy {record.get('eval_accuracy', 0):.3f}")
 

@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", metavar="PEM", help="CA bundle to verify the broker (default: system CAs)")
     parser.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS")
     parser.add_argument("--tls-key", metavar="PEM", help="client private key for mutual TLS")
+    parser.add_argument("--server-public-key", metavar="PEM",
+                        help="the server's Ed25519 public key: devices run only tasks it signed (fedge signing-key)")
     parser.add_argument("--duration", type=positive(float), metavar="SECONDS",
                         help="stop after this long (default: run until SIGTERM or Ctrl-C)")
     parser.add_argument("--workers", type=int, metavar="N", help="training worker threads (default: one per core)")
@@ -58,12 +60,14 @@ def run(args: argparse.Namespace, prog: str = "fedge simulate") -> int:
         print(f"{prog}: error: a password (--password or {PASSWORD_ENV}) needs --username", file=sys.stderr)
         return 2
 
+    from device_runtime.signing import load_public_key
     from simulator.fleet import Fleet  # after parsing: --help stays fast
 
     try:
+        public_key = None if args.server_public_key is None else load_public_key(args.server_public_key)
         fleet = Fleet.from_scenario(args.scenario, args.broker, username=args.username, password=password,
                                     tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                                    workers=args.workers)
+                                    workers=args.workers, server_public_key=public_key)
     except (ValueError, TypeError, OSError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2

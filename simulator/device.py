@@ -28,6 +28,7 @@ from device_runtime.model_cache import DEFAULT_MAX_MODELS
 from device_runtime.protocol import ProtocolError, Task, encode_status
 from device_runtime.protocol.topics import model_topic, status_topic, task_topic, update_topic, weights_topic
 from device_runtime.rounds import skip_reason, task_to_train, training_budget
+from device_runtime.signing import Ed25519PublicKey, TaskVerifier
 from simulator.network import LoopClient, LoopThread
 from simulator.scenario import DeviceProfile
 from simulator.trainer import TrainerPool
@@ -68,6 +69,7 @@ class DeviceContext:
     username: str | None = None
     password: str | None = None
     tls_files: TlsFiles | None = None
+    server_public_key: Ed25519PublicKey | None = None  # set: run only tasks the server signed (device_runtime.signing)
 
 
 class SimulatedDevice:
@@ -80,6 +82,7 @@ class SimulatedDevice:
         self.stats = DeviceStats()
         self._status_topic = status_topic(context.fleet, self.device_id)
         self._task_topic = task_topic(context.fleet)
+        self._verifier = TaskVerifier(self._task_topic, context.server_public_key)
         self._client = LoopClient(loop_thread, context.connector, context.broker,
                                   f"fedge-{context.fleet}-{self.device_id}",
                                   will=(self._status_topic, encode_status("offline")), on_message=self._on_message,
@@ -219,7 +222,7 @@ class SimulatedDevice:
     def _receive_task(self, payload: bytes) -> None:
         """Decode a task and start (or queue) its round unless it is malformed, stale or not for this device."""
         self.stats.tasks_received += 1
-        task, reason = task_to_train(payload, self.device_id, self._started_rounds, time.time())
+        task, reason = task_to_train(payload, self.device_id, self._started_rounds, time.time(), self._verifier)
         if reason:
             self._ignore(reason)
         elif task is None or self._stopping:
@@ -324,14 +327,14 @@ class SimulatedDevice:
             self._models.move_to_end(task.model_hash)
             self.stats.models_from_cache += 1
             return True
-        payload = await self._download(task, model_topic(self._context.fleet, task.model_hash), "model")
+        topic = model_topic(self._context.fleet, task.model_hash)
+        payload = await self._download(task, topic, "model")
         if payload is None:
             return False
         try:
             await self._context.trainer.add_model(payload, task)
         except ArtifactError as error:
-            logger.error("%s: round %d: refusing the model published for %s: %s", self.device_id, task.round,
-                         task.model_hash, error)
+            logger.error("%s: round %d: refusing the model on %s: %s", self.device_id, task.round, topic, error)
             return False
         self._models[task.model_hash] = None
         while len(self._models) > DEFAULT_MAX_MODELS:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from device_runtime.connection import TlsFiles, parse_broker_url
 from device_runtime.data import load_local_data
 from device_runtime.interpreter import default_num_threads
+from device_runtime.signing import Ed25519PublicKey
 from simulator.device import DeviceContext, DeviceStats, SimulatedDevice
 from simulator.network import LoopThread
 from simulator.scenario import Scenario, load_scenario
@@ -38,8 +39,10 @@ class Fleet:
     def __init__(self, scenario: Scenario, broker_url: str, client_data: ClientData, *,
                  username: str | None = None, password: str | None = None, tls_ca: str | None = None,
                  tls_cert: str | None = None, tls_key: str | None = None, workers: int | None = None,
-                 devices_per_loop: int = DEVICES_PER_LOOP) -> None:
-        """Check the arguments and give device i the i-th client of `client_data`; nothing connects before start()."""
+                 devices_per_loop: int = DEVICES_PER_LOOP, server_public_key: Ed25519PublicKey | None = None) -> None:
+        """Check the arguments and give device i the i-th client of `client_data`; nothing connects before start().
+
+        With `server_public_key` every device runs only tasks signed by that key."""
         if len(client_data) < scenario.num_devices:
             raise ValueError(f"the scenario has {scenario.num_devices} devices but the client data holds only "
                              f"{len(client_data)} clients (one per device)")
@@ -52,6 +55,7 @@ class Fleet:
         self.scenario = scenario
         self._broker = parse_broker_url(broker_url)
         self._credentials = (username, password, tls_files)
+        self._server_public_key = server_public_key
         self._workers = workers or default_num_threads()
         self._devices_per_loop = devices_per_loop
         client_ids = client_data.client_ids
@@ -90,7 +94,8 @@ class Fleet:
         self._loops = [LoopThread(f"fedge-sim-loop-{i}") for i in range(loops)]
         username, password, tls_files = self._credentials
         context = DeviceContext(self.scenario.fleet, self.scenario.seed, self._broker, self._connector,
-                                self._trainer, time.monotonic(), username, password, tls_files)
+                                self._trainer, time.monotonic(), username, password, tls_files,
+                                self._server_public_key)
         self._devices = [SimulatedDevice(profile, data, context, self._loops[i // self._devices_per_loop])
                          for i, (profile, data) in enumerate(zip(profiles, self._data))]
         for loop in self._loops:

@@ -7,6 +7,7 @@ manifest before it allocates the dense tensors. docs/protocol.md specifies the b
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
@@ -439,6 +440,57 @@ def decode_task(payload: bytes) -> Task:
         raise ProtocolError(f"task fields differ: missing {sorted(names - message.keys())}, "
                             f"unknown {sorted(message.keys() - names)[:10]}")
     return _checked_task(message)
+
+
+# A signed task wraps the exact task bytes; the signature covers this context, the task topic and those bytes.
+TASK_SIGNATURE_CONTEXT = b"fedge-task-signature-v1\x00"
+MAX_SIGNED_TASK_BYTES = 4 * MAX_TASK_BYTES // 3 + 4096  # a base64 task plus the envelope's fields
+SIGNATURE_BYTES = 64  # Ed25519
+_SIGNED_TASK_FIELDS = {"protocol_version", "task", "key_id", "signature"}
+_KEY_ID = re.compile(r"[0-9a-f]{16}")
+
+
+@dataclass(frozen=True)
+class SignedTask:
+    """A task payload as signed by the server: the exact task JSON bytes, the signing key's id, the signature."""
+
+    task: bytes
+    key_id: str
+    signature: bytes
+
+
+def task_signing_input(topic: str, task: bytes) -> bytes:
+    """The bytes a task signature covers: the context string, the task topic (so a task binds its fleet) and the task."""
+    return TASK_SIGNATURE_CONTEXT + topic.encode("utf-8") + b"\x00" + task
+
+
+def encode_signed_task(signed: SignedTask) -> bytes:
+    """The JSON envelope of a signed task (docs/protocol.md, "Signed tasks")."""
+    if not _KEY_ID.fullmatch(signed.key_id) or len(signed.signature) != SIGNATURE_BYTES:
+        raise ProtocolError(f"a signed task needs a 16-hex key id and a {SIGNATURE_BYTES}-byte signature")
+    return _dump_json({"protocol_version": PROTOCOL_VERSION, "task": base64.b64encode(signed.task).decode("ascii"),
+                       "key_id": signed.key_id, "signature": base64.b64encode(signed.signature).decode("ascii")},
+                      MAX_SIGNED_TASK_BYTES, "signed task")
+
+
+def decode_signed_task(payload: bytes) -> SignedTask | None:
+    """The signed task in a task payload, or None when the payload is a plain task; ProtocolError if malformed."""
+    message = _load_json(payload, MAX_SIGNED_TASK_BYTES, "task")
+    if "signature" not in message:
+        return None
+    if message.keys() != _SIGNED_TASK_FIELDS:
+        raise ProtocolError(f"signed task fields differ: missing {sorted(_SIGNED_TASK_FIELDS - message.keys())}, "
+                            f"unknown {sorted(message.keys() - _SIGNED_TASK_FIELDS)[:10]}")
+    key_id, encoded = message["key_id"], (message["task"], message["signature"])
+    if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
+        raise ProtocolError(f"signed task key_id {key_id!r:.40} is not 16 lowercase hex digits")
+    try:
+        task, signature = (base64.b64decode(value, validate=True) for value in encoded)
+    except (TypeError, ValueError) as error:
+        raise ProtocolError(f"signed task: task and signature must be base64 strings ({error})") from None
+    if len(signature) != SIGNATURE_BYTES:
+        raise ProtocolError(f"signed task: the signature has {len(signature)} bytes, expected {SIGNATURE_BYTES}")
+    return SignedTask(task, key_id, signature)
 
 
 def is_selected(task: Task, device_id: str) -> bool:

@@ -2,14 +2,17 @@
 
 A round is composed of TFF's four parts (its `compose_learning_process`), each replaceable:
 the distributor and the client work run in an Executor (global weights out, client updates
-back: in-process in client order, over MQTT as devices report), the aggregator is a streaming
-weighted mean of client deltas with sum-then-finalize metrics, and the finalizer is a server
-optimizer step; `aggregate_round` does the last two for every executor. FedProx is FedAvg
-with a different client work (the proximal term); FedAdam, FedYogi, ... a different finalizer.
+back: in-process in client order, over MQTT as devices report), the aggregator (by default a
+streaming weighted mean; fedge.learning.aggregation) combines client deltas while client
+metrics are summed then finalized, and the finalizer is a server optimizer step;
+`aggregate_round` does the last two for every executor. FedProx is FedAvg with a different
+client work (the proximal term); FedAdam, FedYogi, ... a different finalizer; DP-FedAvg or a
+robust median a different aggregator.
 
-Trainable weights move by the server optimizer's step on the weighted mean delta.
-Non-trainable weights (batch-norm moving statistics) become the weighted mean of the clients'
-final values, so batch norm's statistics follow the clients' data; TFF keeps them unchanged.
+Trainable weights move by the server optimizer's step on the aggregated (by default the
+weighted mean) delta. Non-trainable weights (batch-norm moving statistics) become the
+aggregate of the clients' final values (by default their weighted mean), so batch norm's
+statistics follow the clients' data; TFF keeps them unchanged.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 from converters import ConversionResult
 from device_runtime import TrainableModel
 from fedge.learning import optimizers
-from fedge.learning.aggregation import ClientWeighting, WeightedMean
+from fedge.learning.aggregation import Aggregator, ClientWeighting, MeanAggregator
 from fedge.learning.executors import ClientUpdate, Executor, RoundFailedError, TrainConfig, get_default_executor
 from fedge.learning.lowering import lower_model_fn
 from fedge.learning.metrics import sum_then_finalize
@@ -77,10 +80,15 @@ class LearningProcess(IterativeProcess):
 
     def __init__(self, artifact: ConversionResult, metric_finalizers: dict[str, list[str]], client_work: ClientWork,
                  client_weighting: ClientWeighting, server_optimizer: optimizers.ServerOptimizer,
-                 executor: Executor | None) -> None:
-        """Compose a process from its parts; `executor` None uses the default executor at each round."""
+                 executor: Executor | None, model_aggregator: Aggregator | None = None) -> None:
+        """Compose a process from its parts; `executor` None uses the default executor at each round,
+        `model_aggregator` None the weighted mean (MeanAggregator)."""
         if not isinstance(client_weighting, ClientWeighting):
             raise TypeError(f"client_weighting must be a ClientWeighting, got {client_weighting!r}")
+        model_aggregator = MeanAggregator() if model_aggregator is None else model_aggregator
+        if not isinstance(model_aggregator, Aggregator):
+            raise TypeError(f"model_aggregator must be a fedge.learning.aggregation.Aggregator, "
+                            f"got {type(model_aggregator).__name__}")
         if not isinstance(server_optimizer, optimizers.ServerOptimizer):
             raise TypeError(f"server_optimizer_fn must return a fedge.learning.optimizers optimizer, "
                             f"got {type(server_optimizer).__name__}")
@@ -91,6 +99,7 @@ class LearningProcess(IterativeProcess):
         self._weighting = client_weighting
         self._server_optimizer = server_optimizer
         self._executor = executor
+        self._aggregator = model_aggregator
         initial = TrainableModel(artifact.tflite_bytes, num_threads=1).get_weights()
         self._initial_weights = ModelWeights.from_list(artifact.manifest, initial)
 
@@ -125,7 +134,7 @@ class LearningProcess(IterativeProcess):
         updates = executor.train(self._artifact.tflite_bytes, weights.to_list(), clients,
                                  self._client_work.config(state.round_num))
         return aggregate_round(state, weights, iter(updates), manifest, self._finalizers, self._weighting,
-                               self._server_optimizer)
+                               self._server_optimizer, self._aggregator)
 
     def _check_optimizer_state(self, state: LearningProcessState) -> None:
         """ValueError if `state` holds another optimizer's slots (e.g. a state saved by another process)."""
@@ -136,21 +145,23 @@ class LearningProcess(IterativeProcess):
 
 
 class _RoundSums:
-    """The aggregator's running sums of one round: weighted mean delta, metric sums, payload bytes."""
+    """What one round aggregates: the model aggregator's round, metric sums, payload bytes."""
 
-    def __init__(self, finalizers: Mapping[str, list[str]], weighting: ClientWeighting) -> None:
+    def __init__(self, finalizers: Mapping[str, list[str]], weighting: ClientWeighting, aggregator: Aggregator,
+                 round_num: int) -> None:
         """Empty sums."""
         self.finalizers, self.weighting = finalizers, weighting
+        self.aggregator, self.round_num = aggregator, round_num
         self.bytes_down = self.bytes_up = 0
         self.discard()
 
     def discard(self) -> None:
         """Forget the deltas and metrics summed so far (a failed round); the byte counts stay, as traffic happened."""
-        self.mean, self.train_metrics = WeightedMean(), sum_then_finalize(self.finalizers)
+        self.deltas, self.train_metrics = self.aggregator.start(self.round_num), sum_then_finalize(self.finalizers)
 
     def add(self, update: ClientUpdate) -> None:
-        """Fold one client's update into the sums at once; nothing of it is kept."""
-        self.mean.add(update.delta, self.weighting.weight(update.num_examples))
+        """Fold one client's update in at once; only an aggregator that needs them all (median, ...) keeps its delta."""
+        self.deltas.add(update.delta, self.weighting.weight(update.num_examples))
         self.train_metrics.add(update.metrics)
         self.bytes_down += update.bytes_down
         self.bytes_up += update.bytes_up
@@ -167,14 +178,17 @@ class _RoundSums:
 
 def aggregate_round(state: LearningProcessState, weights: ModelWeights, updates: Iterator[ClientUpdate],
                     manifest: Mapping[str, Any], finalizers: Mapping[str, list[str]], weighting: ClientWeighting,
-                    server_optimizer: optimizers.ServerOptimizer) -> tuple[LearningProcessState, Metrics]:
-    """The aggregator and finalizer of one round, for every executor: stream updates into sums, then the server step.
+                    server_optimizer: optimizers.ServerOptimizer, model_aggregator: Aggregator | None = None
+                    ) -> tuple[LearningProcessState, Metrics]:
+    """The aggregator and finalizer of one round, for any executor: fold in updates as they come, then the server step.
 
-    Memory is O(model): each update is added to running sums as it arrives and then dropped.
+    With the default weighted mean (`model_aggregator` None) memory is O(model): each update is
+    added to running sums as it arrives and then dropped; the median and trimmed mean hold them all.
     A RoundFailedError from the executor discards what was summed: the weights and optimizer
     state stay as they were and the round id is spent (state.round_num + 1).
     """
-    sums = _RoundSums(finalizers, weighting)
+    aggregator = MeanAggregator() if model_aggregator is None else model_aggregator
+    sums = _RoundSums(finalizers, weighting, aggregator, state.round_num)
     try:
         report = sums.consume(updates)
     except RoundFailedError as failure:
@@ -182,14 +196,15 @@ def aggregate_round(state: LearningProcessState, weights: ModelWeights, updates:
                        state.round_num, failure)
         sums.discard()
         report = failure.report
-    new_weights, optimizer_state, update_norm = _server_step(state, weights, sums.mean.mean(), manifest,
+    new_weights, optimizer_state, update_norm = _server_step(state, weights, sums.deltas.result(), manifest,
                                                              server_optimizer)
-    mean = sums.mean
+    deltas = sums.deltas
     metrics = {
         "distributor": {"bytes_down": sums.bytes_down, **report},
         "client_work": {"train": sums.train_metrics.result()},
-        "aggregator": {"num_clients": mean.num_clients, "bytes_up": sums.bytes_up,
-                       "mean_weight": mean.total_weight / mean.num_clients if mean.num_clients else 0.0},
+        "aggregator": {"num_clients": deltas.num_clients, "bytes_up": sums.bytes_up,
+                       "mean_weight": deltas.total_weight / deltas.num_clients if deltas.num_clients else 0.0,
+                       **deltas.measurements()},
         "finalizer": {"update_norm": update_norm},
     }
     return LearningProcessState(new_weights, optimizer_state, state.round_num + 1), metrics
@@ -214,15 +229,16 @@ def build_federated_averaging_process(
         server_optimizer_fn: Callable[[], optimizers.ServerOptimizer] = lambda: optimizers.SGD(1.0),
         client_weighting: ClientWeighting = ClientWeighting.NUM_EXAMPLES, *, batch_size: int | None = None,
         client_epochs: int = 1, max_client_steps: int | None = None, executor: Executor | None = None,
-        seed: int | None = 0) -> LearningProcess:
+        seed: int | None = 0, model_aggregator: Aggregator | None = None) -> LearningProcess:
     """FedAvg (McMahan et al., 2017), with FedAvgM/FedAdam/FedYogi/FedAdagrad through `server_optimizer_fn`.
 
     `model_fn` is called once and lowered with `client_optimizer_fn()` (a Keras optimizer) at
     `batch_size` (else the model's batch_size_hint). `seed` derives each client's shuffle seed
-    per round; None trains on every client's examples in their given order.
+    per round; None trains on every client's examples in their given order. `model_aggregator`
+    replaces the weighted mean (clipping, median, trimmed mean, DP: fedge.learning.aggregation).
     """
     return _build(model_fn, client_optimizer_fn, server_optimizer_fn, client_weighting, batch_size,
-                  ClientWork(client_epochs, max_client_steps, None, seed), executor)
+                  ClientWork(client_epochs, max_client_steps, None, seed), executor, model_aggregator)
 
 
 def build_weighted_fed_prox(
@@ -230,22 +246,23 @@ def build_weighted_fed_prox(
         server_optimizer_fn: Callable[[], optimizers.ServerOptimizer] = lambda: optimizers.SGD(1.0),
         client_weighting: ClientWeighting = ClientWeighting.NUM_EXAMPLES, *, batch_size: int | None = None,
         client_epochs: int = 1, max_client_steps: int | None = None, executor: Executor | None = None,
-        seed: int | None = 0) -> LearningProcess:
+        seed: int | None = 0, model_aggregator: Aggregator | None = None) -> LearningProcess:
     """FedProx (Li et al., 2020): FedAvg whose clients add mu/2 * ||w - w_global||^2 to their loss.
 
     The artifact is converted with the proximal term (docs/artifact.md, FedProx); mu = 0 is FedAvg.
     """
     return _build(model_fn, client_optimizer_fn, server_optimizer_fn, client_weighting, batch_size,
-                  ClientWork(client_epochs, max_client_steps, proximal_strength, seed), executor)
+                  ClientWork(client_epochs, max_client_steps, proximal_strength, seed), executor, model_aggregator)
 
 
 def _build(model_fn: Callable[[], Any], client_optimizer_fn: Callable[[], Any],
            server_optimizer_fn: Callable[[], optimizers.ServerOptimizer], client_weighting: ClientWeighting,
-           batch_size: int | None, client_work: ClientWork, executor: Executor | None) -> LearningProcess:
+           batch_size: int | None, client_work: ClientWork, executor: Executor | None,
+           model_aggregator: Aggregator | None) -> LearningProcess:
     """Lower the model once and compose the process."""
     lowered = lower_model_fn(model_fn, batch_size, client_optimizer_fn(), proximal=client_work.proximal_mu is not None)
     return LearningProcess(lowered.artifact, lowered.metric_finalizers, client_work, client_weighting,
-                           server_optimizer_fn(), executor)
+                           server_optimizer_fn(), executor, model_aggregator)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

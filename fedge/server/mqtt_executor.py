@@ -5,13 +5,16 @@ It implements fedge.learning's Executor, so any learning process runs over MQTT 
 global weights (retained) and the task naming the selected devices, then yields each update
 the ReportGate accepts, as it arrives, until `goal` reports are in or the deadline passes.
 A round with fewer than `min_reports` accepted updates raises RoundFailedError (the process
-keeps its weights). docs/protocol.md specifies the messages; docs/server.md the rounds.
+keeps its weights). With `use_journal` every update is on disk before its PUBACK and a killed
+run's updates are replayed into the next round (fedge.server.journal). docs/protocol.md
+specifies the messages; docs/server.md the rounds.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import secrets
 import threading
@@ -37,8 +40,10 @@ from device_runtime.protocol import (
     update_wildcard,
     weights_topic,
 )
+from device_runtime.signing import Ed25519PrivateKey, sign_task
 from fedge.learning.executors import ClientUpdate, Executor, RoundFailedError, TrainConfig, round_seed
 from fedge.server.checkin import DeviceRegistry
+from fedge.server.journal import Message, UpdateJournal
 from fedge.server.reports import ReportGate, RoundWindow
 from fedge.server.selection import over_selected, select_devices
 
@@ -64,8 +69,10 @@ class MqttExecutor(Executor):
                  topk: float | None = None, max_seconds: float | None = None, username: str | None = None,
                  password: str | None = None, tls_ca: str | None = None, tls_cert: str | None = None,
                  tls_key: str | None = None, connect_timeout_s: float = 30.0,
-                 publish_timeout_s: float = 30.0) -> None:
-        """Check the settings; nothing touches the network before start() (or the first round)."""
+                 publish_timeout_s: float = 30.0, signing_key: Ed25519PrivateKey | None = None) -> None:
+        """Check the settings; nothing touches the network before start() (or the first round).
+
+        With `signing_key` every task is signed (device_runtime.signing); it binds the model and weights by hash."""
         self.fleet = check_id(fleet, "fleet")
         if clients_per_round is not None:
             _check_int("clients_per_round", clients_per_round, 1)
@@ -84,9 +91,12 @@ class MqttExecutor(Executor):
         self.deadline_s, self.over_selection = float(deadline_s), float(over_selection)
         self.encoding, self.topk, self.max_seconds = encoding, topk, max_seconds
         self.publish_timeout_s, self.connect_timeout_s = publish_timeout_s, connect_timeout_s
+        self._signing_key = signing_key
         self.registry = DeviceRegistry()
         self._gate = ReportGate(self.fleet, self.registry.known)
-        self._inbox: queue.Queue[tuple[str, bytes, float]] = queue.Queue()
+        self._inbox: queue.Queue[Message] = queue.Queue()
+        self._journal: UpdateJournal | None = None
+        self._replay: Iterator[Message] | None = None
         self._retained: dict[str, bytes] = {}  # what the open round needs on the broker: republished on reconnect
         self._retained_lock = threading.Lock()
         self._published_models: set[str] = set()
@@ -113,6 +123,21 @@ class MqttExecutor(Executor):
             raise ConnectionError(f"no connection to the broker at {self._connection.broker.host}:"
                                   f"{self._connection.broker.port} within {self.connect_timeout_s:.0f} s")
 
+    def use_journal(self, path: str | os.PathLike[str]) -> None:
+        """Journal every update to `path` before acknowledging it, and replay what a killed run left there first.
+
+        Call it before start(): updates received earlier are not journaled (fedge.server.journal).
+        """
+        if self._journal is not None:
+            self._journal.close()
+        self._journal = UpdateJournal(path)
+        self._replay = self._journal.replay()
+
+    def checkpointed(self) -> None:
+        """The round just ended is checkpointed: its journaled updates are no longer needed."""
+        if self._journal is not None:
+            self._journal.clear()
+
     def interrupt(self) -> None:
         """Stop for good, soon: the round in progress raises RoundInterruptedError, waits for devices return."""
         self._stop.set()
@@ -123,6 +148,9 @@ class MqttExecutor(Executor):
         if self._started:
             self._connection.close(final=(task_topic(self.fleet), b""))
             self._started = False
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
 
     def __enter__(self) -> MqttExecutor:
         """Connect, as a context manager that closes the executor."""
@@ -190,6 +218,8 @@ class MqttExecutor(Executor):
                     encoding=self.encoding, topk=self.topk, seed=secrets.randbits(63) if seed is None else seed,
                     weights_hash=payload_hash(weights_payload))
         task_payload = encode_task(task)
+        if self._signing_key is not None:
+            task_payload = sign_task(self._signing_key, task_topic(self.fleet), task_payload)
         window = RoundWindow(config.round_num, frozenset(clients), task.deadline, goal, manifest)
         self._gate.open(window)
         bytes_published = self._configure(artifact, manifest["content_hash"], weights_payload, task_payload)
@@ -236,6 +266,12 @@ class MqttExecutor(Executor):
 
     def _reports(self, window: RoundWindow, weights_bytes: int) -> Generator[ClientUpdate, None, str]:
         """Yield accepted updates until the goal or the deadline; returns what closed the round."""
+        for message in self._replayed():  # a killed run's journal: these arrived before anything queued now
+            if window.accepted >= window.goal:
+                break
+            update = self._accept(message, weights_bytes)
+            if update is not None:
+                yield update
         while window.accepted < window.goal:
             if self._stop.is_set():
                 self._gate.close("interrupted")
@@ -260,7 +296,12 @@ class MqttExecutor(Executor):
         self._gate.close(closed_by)
         return closed_by
 
-    def _accept(self, item: tuple[str, bytes, float], weights_bytes: int) -> ClientUpdate | None:
+    def _replayed(self) -> Iterator[Message]:
+        """The journaled messages of a killed run, once (the first round after use_journal gets them)."""
+        replay, self._replay = self._replay, None
+        return replay if replay is not None else iter(())
+
+    def _accept(self, item: Message, weights_bytes: int) -> ClientUpdate | None:
         """The ClientUpdate of an inbox message the gate accepts, else None (the gate counted the drop)."""
         topic, payload, received_at = item
         update = self._gate.check(topic, payload, received_at)
@@ -301,7 +342,13 @@ class MqttExecutor(Executor):
         """Statuses go to the registry; updates are queued with their arrival time for the round in progress."""
         kind = topic.split("/")[2] if topic.count("/") == 3 else None
         if kind == "update":
-            self._inbox.put((topic, payload, time.time()))
+            message = (topic, payload, time.time())
+            if self._journal is not None:  # on disk before paho sends the PUBACK (after this returns)
+                try:
+                    self._journal.append(message)
+                except OSError as error:
+                    logger.error("could not journal an update from %s: %s; a crash now would lose it", topic, error)
+            self._inbox.put(message)
         elif kind == "status":
             self.registry.on_status(topic.rsplit("/", 1)[1], payload)
 

@@ -91,6 +91,7 @@ class ReportGate:
         window.accepted += 1
         window.update_ids.add(update.update_id)
         window.reported.add(device)
+        logger.debug("round %d: accepted update %s from %s", window.round, update.update_id, device)
         return update
 
     def _reason(self, window: RoundWindow, update: ModelUpdate, device: str, received_at: float) -> str | None:

@@ -22,6 +22,7 @@ from fedge.learning.evaluation import FederatedEvaluation
 from fedge.learning.process import LearningProcess, Metrics
 from fedge.learning.state import LearningProcessState
 from fedge.server.checkpoint import Checkpoints
+from fedge.server.journal import JOURNAL_FILE
 from fedge.server.metrics_log import MetricsLog
 from fedge.server.mqtt_executor import MqttExecutor, RoundInterruptedError
 
@@ -55,6 +56,7 @@ class FederatedServer:
         self.process, self.executor, self.settings = process, executor, settings
         self._evaluation, self._eval_data = evaluation, eval_data
         self.checkpoints = Checkpoints(settings.checkpoint_dir)
+        executor.use_journal(self.checkpoints.directory / JOURNAL_FILE)  # a killed server loses no acked update
         self._log = None if settings.metrics_log is None else MetricsLog(settings.metrics_log)
         self._stopping = threading.Event()
         self.rounds_failed = 0
@@ -86,6 +88,7 @@ class FederatedServer:
             evaluation = self._evaluate(next_state) if outcome == "completed" else None
             evaluated = time.time()
             self.checkpoints.save(next_state)
+            self.executor.checkpointed()
             times = {"checkin": checked_in - started, "round": trained - checked_in, "evaluation": evaluated - trained,
                      "checkpoint": time.time() - evaluated}
             self._report(state.round_num, started, times, metrics, evaluation)
@@ -125,6 +128,8 @@ class FederatedServer:
             "dropped": distributor["dropped"], "bytes_down": distributor["bytes_down"],
             "bytes_up": metrics["aggregator"]["bytes_up"], "bytes_published": distributor["bytes_published"],
             "update_norm": metrics["finalizer"]["update_norm"],
+            **{name: value for name, value in metrics["aggregator"].items()  # e.g. dp_epsilon, clipped_clients
+               if name not in ("num_clients", "bytes_up", "mean_weight")},
             **{f"train_{name}": value for name, value in train.items()},
             **{f"eval_{name}": value for name, value in (evaluation or {}).items()},
         }

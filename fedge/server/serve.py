@@ -16,11 +16,14 @@ from typing import Any
 from converters import ConversionResult
 from device_runtime.artifact import ArtifactError, read_manifest, verify_content_hash
 from device_runtime.data import load_local_data
+from device_runtime.signing import key_id, load_signing_key
 from fedge.learning import optimizers
-from fedge.learning.aggregation import ClientWeighting
+from fedge.learning.aggregation import Aggregator, ClientWeighting, MeanAggregator, NormClipping
 from fedge.learning.evaluation import FederatedEvaluation
 from fedge.learning.executors import InProcessExecutor
+from fedge.learning.privacy import GaussianFixedDP
 from fedge.learning.process import ClientWork, LearningProcess
+from fedge.learning.robust import CoordinateMedian, TrimmedMean
 from fedge.server.mqtt_executor import MqttExecutor
 from fedge.server.rounds import FederatedServer, ServerSettings
 
@@ -76,18 +79,49 @@ def server_optimizer(args: argparse.Namespace) -> optimizers.ServerOptimizer:
     return adaptive[args.server_optimizer](args.server_learning_rate or 0.01)
 
 
+def model_aggregator(args: argparse.Namespace) -> Aggregator:
+    """The aggregator of --aggregator, --trim-fraction, --clip-norm and the --dp-* flags; UsageError if they clash."""
+    dp = args.dp_noise_multiplier is not None
+    if args.trim_fraction is not None and args.aggregator != "trimmed_mean":
+        raise UsageError("--trim-fraction applies to --aggregator trimmed_mean")
+    if not dp and (args.dp_delta is not None or args.dp_population is not None):
+        raise UsageError("--dp-delta and --dp-population apply to DP-FedAvg: give --dp-noise-multiplier too")
+    if dp:
+        if args.aggregator != "mean":
+            raise UsageError(f"DP-FedAvg (--dp-noise-multiplier) is a noisy mean of clipped updates; "
+                             f"it cannot be combined with --aggregator {args.aggregator}")
+        if args.clip_norm is None:
+            raise UsageError("DP-FedAvg (--dp-noise-multiplier) needs --clip-norm S, the bound on each update's norm")
+        if args.dp_population is not None and args.dp_population < args.clients_per_round:
+            raise UsageError(f"--dp-population ({args.dp_population}) cannot be below --clients-per-round "
+                             f"({args.clients_per_round})")
+        sampling = 1.0 if args.dp_population is None else args.clients_per_round / args.dp_population
+        return GaussianFixedDP(args.dp_noise_multiplier, args.clients_per_round, args.clip_norm,
+                               target_delta=1e-5 if args.dp_delta is None else args.dp_delta,
+                               sampling_probability=sampling)
+    inner = {"mean": MeanAggregator, "median": CoordinateMedian}.get(args.aggregator)
+    aggregator = TrimmedMean(0.1 if args.trim_fraction is None else args.trim_fraction) if inner is None else inner()
+    return aggregator if args.clip_norm is None else NormClipping(args.clip_norm, aggregator)
+
+
 def build_server(args: argparse.Namespace, password: str | None) -> FederatedServer:
     """The process, executor and round loop that the arguments describe (the executor first: it checks the settings)."""
+    signing_key = None if args.signing_key is None else load_signing_key(args.signing_key)
     executor = MqttExecutor(args.broker, args.fleet, clients_per_round=args.clients_per_round,
                             min_reports=args.min_reports, deadline_s=args.deadline,
                             over_selection=args.over_selection, encoding=args.encoding, topk=args.topk,
                             max_seconds=args.max_seconds, username=args.username, password=password,
-                            tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
+                            tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                            signing_key=signing_key)
+    if signing_key is None:
+        logger.warning("no --signing-key: tasks are unsigned; devices given a server public key will refuse them")
+    else:
+        logger.info("signing every task with key %s", key_id(signing_key.public_key()))
     artifact = load_artifact(args)
     finalizers = artifact.manifest["metrics"]["finalizers"]
     work = ClientWork(args.local_epochs, args.max_steps, None, args.seed, args.learning_rate)
     process = LearningProcess(artifact, finalizers, work, ClientWeighting(args.client_weighting),
-                              server_optimizer(args), executor)
+                              server_optimizer(args), executor, model_aggregator(args))
     evaluation: FederatedEvaluation | None = None
     eval_data: list[Any] | None = None
     if args.eval_data is not None:
