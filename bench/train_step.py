@@ -155,7 +155,7 @@ def main() -> None:
     print(f"{'model':12s} {'params':>10s} {'batch':>5s} {'threads':>7s} {'LiteRT ms':>10s} {'Keras ms':>9s} "
           f"{'ratio':>6s} {'convert s':>9s} {'MiB':>5s}")
     with tempfile.TemporaryDirectory() as directory:
-        rows = [row for name in args.models for b in BENCH_MODELS[name][1]
+        rows = [dict(row, bench_model=name) for name in args.models for b in BENCH_MODELS[name][1]
                 for row in time_pairs(BENCH_MODELS[name][0], b, args.steps, args.threads, Path(directory),
                                       BENCH_MODELS[name][2])]
         for row in rows:
@@ -166,7 +166,7 @@ def main() -> None:
             print(json.dumps({"rows": [{k: v for k, v in r.items() if k not in ("artifact", "keras_file")}
                                        for r in rows]}))
             return
-        cnn = next(row for row in rows if row["model"] == "mnist_cnn")
+        cnn = next(row for row in rows if row["bench_model"] == "mnist_cnn")  # its Keras name is mcmahan_cnn
         litert_mb, litert_tf = peak_rss_mb(_LITERT_TRAINER, cnn["artifact"], "100", str(cnn["threads"]))
         keras_mb, _ = peak_rss_mb(_KERAS_TRAINER, cnn["keras_file"], "100", str(cnn["batch"]))
         print(f"\npeak RSS training the McMahan CNN (batch {cnn['batch']}, 100 steps):")

@@ -198,6 +198,9 @@ LAYER_CASES = [
     conv_case(3, 2, "same", 9, 3),     # odd size, stride 2: SAME pads 1 / 1
     conv_case(5, 2, "same", 8, 3),     # even size, stride 2: SAME pads 1 / 2 (asymmetric)
     conv_case(5, 1, "valid", 9, 1, use_bias=False),
+    # stride 1 with kw * cin >= 64: the filter gradient from the cached column block
+    conv_case(3, 1, "same", 6, 24),
+    conv_case(5, 1, "valid", 9, 16, use_bias=False),
     conv_case(3, 2, "valid", 9, 3),
     depthwise_case(1, "same", 1, 8, 3),
     depthwise_case(2, "same", 2, 9, 2),

@@ -26,6 +26,31 @@ class _WindowedLowering(Lowering):
         return padding_plan(x.shape, self.kernel_hw, self.strides, self.layer.padding)
 
 
+def _column_block(xp: tf.Tensor, kw: int, ow: int) -> tf.Tensor:
+    """[B, Hp, Wp, C] -> [B, Hp, Wo, kw*C]: the kw stride-1 column windows side by side.
+
+    patch_rows builds the same tensor before slicing it into kernel-row blocks, and the
+    converter merges the two, so keeping it for the backward pass costs no extra work.
+    """
+    return tf.concat([xp[:, :, col: col + ow, :] for col in range(kw)], axis=-1)
+
+
+def _filter_grad_from_columns(cols: tf.Tensor, dy: tf.Tensor, kernel_shape) -> tf.Tensor:
+    """Filter gradient of a stride-1 convolution from its column block [B, Ho+kh-1, Wo, kw*Cin].
+
+    Kernel row r's gradient is cols^T @ (dy moved down r rows, zero elsewhere). Caching the
+    column block instead of the kh im2col blocks keeps about 1/kh of their memory alive
+    between the passes, and the shifted dy exists only in the backward pass, so the converter
+    cannot hoist these matmuls (and their inputs) into the forward pass's delegate partition.
+    """
+    kh, kw, cin, cout = kernel_shape
+    hp, oh = cols.shape[1], dy.shape[1]
+    flat_cols = tf.reshape(cols, [-1, kw * cin])
+    grads = [tf.matmul(flat_cols, tf.reshape(tf.pad(dy, [[0, 0], [r, hp - oh - r], [0, 0], [0, 0]]), [-1, cout]),
+                       transpose_a=True) for r in range(kh)]
+    return tf.reshape(tf.concat(grads, axis=0), kernel_shape)
+
+
 class Conv2DLowering(_WindowedLowering):
     """Convolution as im2col + MATMUL, forward and backward.
 
@@ -34,7 +59,8 @@ class Conv2DLowering(_WindowedLowering):
     run several times slower than Keras. BATCH_MATMUL with two non-constant operands is
     delegated, so every convolution here is matmuls over im2col blocks (spatial.patch_rows):
     forward patches @ W, filter gradient patches^T @ dy (patches cached from the forward
-    pass), input gradient patches(dy dilated by the stride, padded for a full correlation)
+    pass; for stride 1 and wide blocks, the smaller column block, see _filter_grad_from_columns),
+    input gradient patches(dy dilated by the stride, padded for a full correlation)
     @ W flipped and transposed.
     """
 
@@ -45,19 +71,26 @@ class Conv2DLowering(_WindowedLowering):
     def forward(self, ctx, weights, inputs):
         x, kernel = inputs[0], weights[0]
         (oh, ow), pads = self._plan(x)
-        rows = patch_rows(pad_spatial(x, pads), self.kernel_hw, (oh, ow), self.strides)
+        xp = pad_spatial(x, pads)
+        rows = patch_rows(xp, self.kernel_hw, (oh, ow), self.strides)
         y = tf.reshape(conv_matmul(rows, kernel), [x.shape[0], oh, ow, kernel.shape[3]])
         if self.layer.use_bias:
             y = y + weights[1]
+        (kh, kw), cin = self.kernel_hw, x.shape[-1]
+        if self.strides == (1, 1) and kh > 1 and kw * cin >= 64:  # conv_matmul's row-by-row case
+            return y, (x.shape, pads, _column_block(xp, kw, ow))
         return y, (x.shape, pads, rows)
 
     def backward(self, cache, weights, dy, need_input_grads):
-        x_shape, pads, rows = cache
+        x_shape, pads, patches = cache  # im2col blocks, or the column block they come from
         kernel = weights[0]
         kh, kw, cin, cout = kernel.shape
         b, oh, ow, _ = dy.shape
         dy2 = tf.reshape(dy, [b * oh * ow, cout])
-        grads = [conv_filter_grad(rows, dy2, kernel.shape)]
+        if isinstance(patches, list):
+            grads = [conv_filter_grad(patches, dy2, kernel.shape)]
+        else:
+            grads = [_filter_grad_from_columns(patches, dy, kernel.shape)]
         if self.layer.use_bias:
             grads.append(tf.reduce_sum(dy2, axis=0))
         dx = None
