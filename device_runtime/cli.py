@@ -47,6 +47,23 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
+def add_broker_credentials(parser: argparse.ArgumentParser, username_help: str = "MQTT user name") -> None:
+    """--username, --password, --tls-ca, --tls-cert, --tls-key: how every fedge command authenticates to a broker."""
+    parser.add_argument("--username", help=username_help)
+    parser.add_argument("--password", help=f"MQTT password (prefer the {PASSWORD_ENV} environment variable)")
+    parser.add_argument("--tls-ca", metavar="PEM", help="CA bundle to verify the broker (default: system CAs)")
+    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS")
+    parser.add_argument("--tls-key", metavar="PEM", help="client private key for mutual TLS")
+
+
+def broker_password(args: argparse.Namespace) -> str | None:
+    """--password, else the FEDGE_MQTT_PASSWORD environment variable; ValueError when it comes without --username."""
+    password = args.password if args.password is not None else os.environ.get(PASSWORD_ENV)
+    if password is not None and args.username is None:
+        raise ValueError(f"a password (--password or {PASSWORD_ENV}) needs --username")
+    return password
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of the device agent."""
     parser = argparse.ArgumentParser(
@@ -58,11 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device-id", required=True, help="this device's id (unique in the fleet)")
     parser.add_argument("--data", required=True, metavar="PATH",
                         help="local examples: an .npz file with arrays x and y, or a folder of them")
-    parser.add_argument("--username", help="MQTT user name")
-    parser.add_argument("--password", help=f"MQTT password (prefer the {PASSWORD_ENV} environment variable)")
-    parser.add_argument("--tls-ca", metavar="PEM", help="CA bundle to verify the broker (default: system CAs)")
-    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS")
-    parser.add_argument("--tls-key", metavar="PEM", help="client private key for mutual TLS")
+    add_broker_credentials(parser)
     parser.add_argument("--server-public-key", metavar="PEM",
                         help="the server's Ed25519 public key: run only tasks it signed (without it, tasks are "
                              "not authenticated)")
@@ -80,9 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    password = args.password if args.password is not None else os.environ.get(PASSWORD_ENV)
-    if password is not None and args.username is None:
-        parser.error(f"a password (--password or {PASSWORD_ENV}) needs --username")
+    try:
+        password = broker_password(args)
+    except ValueError as error:
+        parser.error(str(error))
 
     from device_runtime.agent import DeviceAgent  # after parsing: --help stays fast
     from device_runtime.signing import key_id, load_public_key

@@ -16,11 +16,10 @@ from typing import Any, Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before any command imports TensorFlow
 
 from device_runtime.artifact import ArtifactError, list_operators, list_signatures, read_manifest, verify_content_hash
-from device_runtime.cli import positive
+from device_runtime.cli import add_broker_credentials, broker_password, positive
 from fedge.simulate import add_arguments as add_simulate_arguments
 
 
-PASSWORD_ENV = "FEDGE_MQTT_PASSWORD"
 _CROSS_ENTROPY_CLASSES = {"sparse_categorical_crossentropy": "SparseCategoricalCrossentropy",
                           "categorical_crossentropy": "CategoricalCrossentropy",
                           "binary_crossentropy": "BinaryCrossentropy"}
@@ -120,9 +119,10 @@ def serve_command(args: argparse.Namespace) -> int:
     """Run the federated server (fedge.server.serve); imported here so the other commands stay light."""
     from fedge.server.serve import serve
 
-    password = args.password if args.password is not None else os.environ.get(PASSWORD_ENV)
-    if password is not None and args.username is None:
-        print(f"fedge serve: error: a password (--password or {PASSWORD_ENV}) needs --username", file=sys.stderr)
+    try:
+        password = broker_password(args)
+    except ValueError as error:
+        print(f"fedge serve: error: {error}", file=sys.stderr)
         return 2
     return serve(args, password)
 
@@ -189,11 +189,7 @@ def _add_serve_parser(commands: Any) -> None:
     serve.add_argument("--loss", choices=["sparse_categorical_crossentropy", "categorical_crossentropy",
                                           "binary_crossentropy", "mean_squared_error"], help="for a .keras model")
     serve.add_argument("--batch-size", type=positive(int), help="for a .keras model")
-    serve.add_argument("--username", help="MQTT user name")
-    serve.add_argument("--password", help=f"MQTT password (prefer the {PASSWORD_ENV} environment variable)")
-    serve.add_argument("--tls-ca", metavar="PEM", help="CA bundle to verify the broker")
-    serve.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS")
-    serve.add_argument("--tls-key", metavar="PEM", help="client private key for mutual TLS")
+    add_broker_credentials(serve)
     serve.add_argument("--signing-key", metavar="PEM",
                        help="Ed25519 private key that signs every task (fedge signing-key); devices verify with its "
                             "public key")

@@ -6,14 +6,13 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import resource
 import sys
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from device_runtime.cli import LOG_LEVELS, PASSWORD_ENV, positive, stop_on_signals
+from device_runtime.cli import LOG_LEVELS, add_broker_credentials, broker_password, positive, stop_on_signals
 
 if TYPE_CHECKING:
     from simulator.fleet import Fleet
@@ -28,11 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The simulator's arguments, on its own parser or on `fedge simulate`'s subparser."""
     parser.add_argument("scenario", help="scenario TOML file (e.g. simulator/scenarios/digits.toml)")
     parser.add_argument("--broker", required=True, metavar="URL", help="mqtt://host[:port] or mqtts://host[:port]")
-    parser.add_argument("--username", help="MQTT user name of every device")
-    parser.add_argument("--password", help=f"MQTT password (prefer the {PASSWORD_ENV} environment variable)")
-    parser.add_argument("--tls-ca", metavar="PEM", help="CA bundle to verify the broker (default: system CAs)")
-    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS")
-    parser.add_argument("--tls-key", metavar="PEM", help="client private key for mutual TLS")
+    add_broker_credentials(parser, username_help="MQTT user name of every device")
     parser.add_argument("--server-public-key", metavar="PEM",
                         help="the server's Ed25519 public key: devices run only tasks it signed (fedge signing-key)")
     parser.add_argument("--duration", type=positive(float), metavar="SECONDS",
@@ -55,9 +50,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "fedge simulate") -> int
 def run(args: argparse.Namespace, prog: str = "fedge simulate") -> int:
     """Run the fleet until the duration ends or SIGTERM/SIGINT; 0 after a clean stop, 2 for bad arguments."""
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    password = args.password if args.password is not None else os.environ.get(PASSWORD_ENV)
-    if password is not None and args.username is None:
-        print(f"{prog}: error: a password (--password or {PASSWORD_ENV}) needs --username", file=sys.stderr)
+    try:
+        password = broker_password(args)
+    except ValueError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
 
     from device_runtime.signing import load_public_key
