@@ -1,7 +1,8 @@
-"""Shared fixtures: a real mosquitto broker on a free localhost port."""
+"""Shared fixtures: a real mosquitto broker on a free localhost port, and a fresh fleet id per test."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -20,3 +21,9 @@ def mosquitto_broker() -> Iterator[tuple[str, int]]:
         yield broker.host, broker.port
     finally:
         broker.stop()
+
+
+@pytest.fixture
+def fleet() -> str:
+    """A fresh fleet id per test, so retained messages and sessions of other tests never interfere."""
+    return f"t{uuid.uuid4().hex[:10]}"

@@ -141,12 +141,6 @@ def local_data() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture
-def fleet() -> str:
-    """A fresh fleet per test, so retained messages of other tests never interfere."""
-    return f"t{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
 def server(mosquitto_broker: tuple[str, int], fleet: str) -> Iterator[Server]:
     server = Server(*mosquitto_broker, fleet)
     yield server

@@ -26,7 +26,7 @@ from fedge.server.metrics_log import read_metrics_log
 from fedge.server.serve import UsageError, model_aggregator
 from fedge.simulation.datasets import digits
 from test_robust_aggregation import _serve_args, inline, process_parts  # noqa: F401 (fixtures)
-from test_server import broker_url, fleet, start_agents, toy_data  # noqa: F401 (fixtures)
+from test_server import broker_url, start_agents, toy_data  # noqa: F401 (fixtures)
 
 SHAPES = [(50, 40), (40,)]
 

@@ -30,13 +30,12 @@ from fedge.server.metrics_log import read_metrics_log
 from fedge.simulation.datasets import ClientData, ClientDataset
 from simulator import Fleet
 from test_device_agent import PrivateBroker, Server, wait_until
-from test_server import (  # noqa: F401 (artifact, broker_url, fake_devices and fleet are fixtures)
+from test_server import (  # noqa: F401 (artifact, broker_url and fake_devices are fixtures)
     artifact,
     assert_same_weights,
     broker_url,
     fake_devices,
     fake_update,
-    fleet,
     make_process,
     toy_data,
 )

@@ -66,12 +66,6 @@ def make_process(artifact: ConversionResult, executor: Any, epochs: int = 1, see
 
 
 @pytest.fixture
-def fleet() -> str:
-    """A fresh fleet per test, so retained messages and sessions of other tests never interfere."""
-    return f"s{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
 def broker_url(mosquitto_broker: tuple[str, int]) -> str:
     host, port = mosquitto_broker
     return f"mqtt://{host}:{port}"

@@ -22,7 +22,7 @@ from device_runtime.protocol import Task, decode_update, encode_task, encode_wei
 from device_runtime.protocol.topics import model_topic, task_topic, weights_topic
 from device_runtime.rounds import task_to_train
 from device_runtime.signing import TaskVerifier, key_id, load_public_key, load_signing_key, sign_task, write_signing_key
-from test_device_agent import (Server, fleet, local_data, make_agent, model_bytes,  # noqa: F401 (fixtures)
+from test_device_agent import (Server, local_data, make_agent, model_bytes,  # noqa: F401 (fixtures)
                                model_hash, reference_delta, server, wait_until)
 
 pytestmark = pytest.mark.device
