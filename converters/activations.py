@@ -9,12 +9,21 @@ import tensorflow as tf
 ActivationGrad = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]
 
 
+def positive_step(t: tf.Tensor) -> tf.Tensor:
+    """1.0 where t > 0, 0.0 where t == 0, for t >= 0: ceil(min(t, 1)).
+
+    The same values as cast(t > 0) but made of ops the default XNNPACK delegate runs, so a
+    backward pass that needs a mask is not cut into pieces by builtin GREATER and CAST kernels.
+    """
+    return tf.math.ceil(tf.minimum(t, 1.0))
+
+
 def _relu_grad(x: tf.Tensor, y: tf.Tensor, dy: tf.Tensor) -> tf.Tensor:
-    return dy * tf.cast(x > 0.0, dy.dtype)
+    return dy * positive_step(y)                          # y = max(x, 0) > 0 exactly where x > 0
 
 
 def _relu6_grad(x: tf.Tensor, y: tf.Tensor, dy: tf.Tensor) -> tf.Tensor:
-    return dy * tf.cast(tf.logical_and(x > 0.0, x < 6.0), dy.dtype)
+    return dy * (positive_step(y) * positive_step(6.0 - y))   # 0 < y < 6 exactly where 0 < x < 6
 
 
 def _sigmoid_grad(x: tf.Tensor, y: tf.Tensor, dy: tf.Tensor) -> tf.Tensor:

@@ -46,9 +46,9 @@ def _filter_grad_from_columns(cols: tf.Tensor, dy: tf.Tensor, kernel_shape) -> t
     kh, kw, cin, cout = kernel_shape
     hp, oh = cols.shape[1], dy.shape[1]
     flat_cols = tf.reshape(cols, [-1, kw * cin])
-    grads = [tf.matmul(flat_cols, tf.reshape(tf.pad(dy, [[0, 0], [r, hp - oh - r], [0, 0], [0, 0]]), [-1, cout]),
-                       transpose_a=True) for r in range(kh)]
-    return tf.reshape(tf.concat(grads, axis=0), kernel_shape)
+    shifted = tf.concat([tf.pad(dy, [[0, 0], [r, hp - oh - r], [0, 0], [0, 0]]) for r in range(kh)], axis=-1)
+    grads = tf.matmul(flat_cols, tf.reshape(shifted, [-1, kh * cout]), transpose_a=True)   # [kw*Cin, kh*Cout]
+    return tf.transpose(tf.reshape(grads, [kw, cin, kh, cout]), [2, 0, 1, 3])
 
 
 class Conv2DLowering(_WindowedLowering):

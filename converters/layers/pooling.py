@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from converters.activations import positive_step
 from converters.layers.base import Lowering, check_common_options, require
 from converters.layers.spatial import crop_spatial, pad_spatial, padding_plan, scatter_window, window_slice
 
@@ -39,7 +40,9 @@ class _PoolingLowering(Lowering):
             xp = pad_spatial(x, pads, fill)
             return lambda row, col: window_slice(xp, row, col, out_hw, self.strides)
         (oh, ow), (ph, pw), (b, _, _, c) = out_hw, self.pool, x.shape
-        xp = pad_spatial(x, pads, fill)[:, : oh * ph, : ow * pw, :]      # whole windows only (VALID)
+        xp = pad_spatial(x, pads, fill)
+        if tuple(xp.shape[1:3]) != (oh * ph, ow * pw):
+            xp = xp[:, : oh * ph, : ow * pw, :]                           # whole windows only (VALID)
         blocks = tf.reshape(xp, [b * oh, ph, ow, pw * c])
         return lambda row, col: blocks[:, row: row + 1, :, col * c: (col + 1) * c]
 
@@ -64,7 +67,8 @@ class _PoolingLowering(Lowering):
         total = tf.concat(rows, axis=1) if ph > 1 else rows[0]            # [B*Ho, ph, Wo, pw*C]
         total = tf.reshape(total, [b, oh * ph, ow * pw, c])
         (top, _), (left, _) = pads
-        total = total[:, top: top + h, left: left + w, :]
+        if (top, left, total.shape[1], total.shape[2]) != (0, 0, h, w):
+            total = total[:, top: top + h, left: left + w, :]
         missing_h, missing_w = h - total.shape[1], w - total.shape[2]  # VALID: rows no window covers
         if missing_h or missing_w:
             total = tf.pad(total, [[0, 0], [0, missing_h], [0, missing_w], [0, 0]])
@@ -87,7 +91,7 @@ class MaxPooling2DLowering(_PoolingLowering):
         taken = tf.zeros_like(y)
         contributions = []
         for row, col in self._offsets():
-            is_max = tf.cast(tf.equal(element(row, col), y), y.dtype)
+            is_max = 1.0 - positive_step(y - element(row, col))        # element <= y, so y == element
             first = is_max * (1.0 - taken)
             taken = taken + first
             contributions.append(((row, col), dy * first))

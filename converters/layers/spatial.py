@@ -95,9 +95,11 @@ def conv_matmul(rows: list[tf.Tensor], kernel: tf.Tensor) -> tf.Tensor:
     if kw * cin < 64 or kh == 1:
         cols = rows[0] if kh == 1 else tf.concat(rows, axis=-1)
         return tf.matmul(cols, tf.reshape(kernel, [kh * kw * cin, cout]))
+    # SPLIT, not kernel[row]: a slice that drops an axis is left to a slow reference kernel.
+    kernel_rows = tf.split(tf.reshape(kernel, [kh, kw * cin, cout]), kh, axis=0)
     total = None
-    for row, block in enumerate(rows):
-        part = tf.matmul(block, tf.reshape(kernel[row], [kw * cin, cout]))
+    for block, kernel_row in zip(rows, kernel_rows):
+        part = tf.matmul(block, tf.reshape(kernel_row, [kw * cin, cout]))
         total = part if total is None else total + part
     return total
 
