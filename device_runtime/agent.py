@@ -9,6 +9,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from device_runtime.artifact import ArtifactError
@@ -248,15 +249,15 @@ class DeviceAgent:
 
     def _run_round(self, task: Task) -> None:
         """Fetch the model, train on the local data and publish the update for one round."""
-        model_bytes = self._model_for(task)
-        if model_bytes is None:
+        model_path = self._model_for(task)
+        if model_path is None:
             self._count("rounds_failed")
             return
         with self._lock:
             if task.round in self._started_rounds:
                 return
             self._started_rounds.add(task.round)
-        model = TrainableModel(model_bytes, num_threads=self._num_threads, verify=False)  # verified on fetch
+        model = TrainableModel.from_file(model_path, num_threads=self._num_threads, verify=False)  # verified on fetch
         initial_weights = self._global_weights(task, model)
         if task.weights_hash is not None and initial_weights is None:
             self._count("rounds_failed")
@@ -282,13 +283,13 @@ class DeviceAgent:
             logger.warning("round %d: no PUBACK for the update within %.0f s; paho keeps it and resends it "
                            "after a reconnect", task.round, self._publish_timeout)
 
-    def _model_for(self, task: Task) -> bytes | None:
-        """The task's model from the cache, else from its retained topic (verified and cached); None if refused."""
-        cached = self.cache.get(task.model_hash)
-        if cached is not None:
+    def _model_for(self, task: Task) -> Path | None:
+        """The cached file of the task's model, fetched from its retained topic (verified and cached)
+        when the cache lacks it; None if refused. Training maps this file (TrainableModel.from_file)."""
+        if self.cache.get(task.model_hash) is not None:
             self._count("models_from_cache")
             logger.info("round %d: model %s from the cache", task.round, task.model_hash)
-            return cached
+            return self.cache.path(task.model_hash)
         topic = model_topic(self.fleet, task.model_hash)
         payload = self._download(task, topic, "model", lambda payload: True)
         if payload is None:
@@ -298,10 +299,10 @@ class DeviceAgent:
         except ArtifactError as error:
             logger.error("round %d: refusing the model on %s: %s", task.round, topic, error)
             return None
-        self.cache.put(payload)
+        cached_hash = self.cache.put(payload)
         self._count("models_downloaded")
         logger.info("round %d: model %s downloaded (%d bytes) and cached", task.round, task.model_hash, len(payload))
-        return payload
+        return self.cache.path(cached_hash)
 
     def _global_weights(self, task: Task, model: TrainableModel) -> list | None:
         """The round's global weights named by the task (None when it names none, or when they are refused)."""

@@ -44,15 +44,29 @@ def default_num_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _thread_count(num_threads: int | None) -> int:
+    """Validate `num_threads`; None means every core available to the process."""
+    if num_threads is not None and num_threads < 1:
+        raise ValueError(f"num_threads must be a positive integer or None, got {num_threads!r}")
+    return default_num_threads() if num_threads is None else num_threads
+
+
 def load_interpreter(model_content: bytes, num_threads: int | None = None) -> Any:
     """Create an interpreter for an in-memory .tflite model (ImportError if no backend is installed).
 
     `num_threads=None` uses every core available to the process: the interpreter's own
     default is one thread for the XNNPACK delegate, which runs the train step's matmuls.
     """
-    if num_threads is not None and num_threads < 1:
-        raise ValueError(f"num_threads must be a positive integer or None, got {num_threads!r}")
-    if num_threads is None:
-        num_threads = default_num_threads()
+    threads = _thread_count(num_threads)
     _, interpreter_cls = _interpreter_class()
-    return interpreter_cls(model_content=bytes(model_content), num_threads=num_threads)
+    return interpreter_cls(model_content=bytes(model_content), num_threads=threads)
+
+
+def load_interpreter_from_file(path: str | os.PathLike[str], num_threads: int | None = None) -> Any:
+    """Create an interpreter that maps the .tflite file at `path` instead of holding a copy in memory.
+
+    `num_threads` as for load_interpreter.
+    """
+    threads = _thread_count(num_threads)
+    _, interpreter_cls = _interpreter_class()
+    return interpreter_cls(model_path=os.fspath(path), num_threads=threads)

@@ -6,6 +6,7 @@ FEDGE_TEST_ARTIFACTS, or converted on the spot where TensorFlow is installed).
 
 from __future__ import annotations
 
+import mmap
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from device_runtime.data import load_local_data
+from device_runtime.mapped_file import release_mapped_pages
 from device_runtime.model import TrainableModel, iterate_batches
 from device_runtime.training import evaluate_locally, train_locally
 
@@ -269,6 +271,44 @@ def test_loss_decreases_over_five_epochs(artifacts: dict[str, Path], name: str, 
     losses = [model.finalized_metrics(r.metrics)["loss"] for r in results]
     assert losses[-1] < 0.8 * losses[0]
     assert end["loss"] < 0.8 * start["loss"] and end["accuracy"] > start["accuracy"]
+
+
+def _mapped_rss_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of the file at `path` (/proc/self/smaps)."""
+    target, total, inside = str(path.resolve()), 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split(maxsplit=5)
+            if "-" in fields[0] and len(fields) >= 5:          # a mapping's header line
+                inside = len(fields) == 6 and fields[5].strip() == target
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.parametrize("name, shape", [("mlp", (8,)), ("cnn", (6, 6, 1))])
+def test_from_file_trains_exactly_as_from_bytes(artifacts: dict[str, Path], name: str, shape: tuple[int, ...]) -> None:
+    mapped = TrainableModel.from_file(artifacts[name], num_threads=1)
+    in_memory = TrainableModel(artifacts[name].read_bytes(), num_threads=1)
+    assert_same_weights(mapped.get_weights(), in_memory.get_weights())
+    data = learnable(40, seed=3, shape=shape)
+    results = [train_locally(model, data, shuffle_seed=5) for model in (mapped, in_memory)]
+    assert_same_weights(results[0].delta, results[1].delta)
+    assert results[0].metrics == results[1].metrics
+
+
+def test_release_mapped_pages_drops_resident_pages_and_keeps_contents(tmp_path: Path) -> None:
+    data = np.random.default_rng(0).integers(0, 256, 4 << 20, dtype=np.uint8).tobytes()
+    path = tmp_path / "weights.bin"
+    path.write_bytes(data)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        assert mapped[:] == data                              # every page touched
+        before = _mapped_rss_kib(path)
+        assert release_mapped_pages(path) >= len(data)
+        after = _mapped_rss_kib(path)
+        assert before >= 4000 and after < 100, (before, after)
+        assert mapped[:] == data                              # read back from the page cache
+    assert release_mapped_pages(tmp_path / "not_mapped.bin") == 0
 
 
 def test_imports_without_tensorflow() -> None:
