@@ -66,9 +66,7 @@ class _PoolingLowering(Lowering):
                 for row in range(ph)]
         total = tf.concat(rows, axis=1) if ph > 1 else rows[0]            # [B*Ho, ph, Wo, pw*C]
         total = tf.reshape(total, [b, oh * ph, ow * pw, c])
-        (top, _), (left, _) = pads
-        if (top, left, total.shape[1], total.shape[2]) != (0, 0, h, w):
-            total = total[:, top: top + h, left: left + w, :]
+        total = crop_spatial(total, pads, (h, w))
         missing_h, missing_w = h - total.shape[1], w - total.shape[2]  # VALID: rows no window covers
         if missing_h or missing_w:
             total = tf.pad(total, [[0, 0], [0, missing_h], [0, missing_w], [0, 0]])

@@ -65,8 +65,11 @@ def scatter_window(g: tf.Tensor, row: int, col: int, strides: tuple[int, int],
 
 
 def crop_spatial(x: tf.Tensor, pads, hw: tuple[int, int]) -> tf.Tensor:
-    """Remove the padding that pad_spatial added."""
+    """Remove the padding that pad_spatial added (no-op when the crop keeps the whole tensor: the
+    converter would keep an identity slice, a copy)."""
     (top, _), (left, _) = pads
+    if (top, left) == (0, 0) and x.shape[1] <= hw[0] and x.shape[2] <= hw[1]:
+        return x
     return x[:, top: top + hw[0], left: left + hw[1], :]
 
 
