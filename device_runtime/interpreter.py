@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from typing import Any
+from typing import Any, Callable
+
+import numpy as np
 
 _BACKENDS = (
     ("ai-edge-litert", "ai_edge_litert.interpreter"),
@@ -70,3 +72,44 @@ def load_interpreter_from_file(path: str | os.PathLike[str], num_threads: int | 
     threads = _thread_count(num_threads)
     _, interpreter_cls = _interpreter_class()
     return interpreter_cls(model_path=os.fspath(path), num_threads=threads)
+
+
+class _PresetShapeRunner:
+    """Runs one signature with its inputs at the shapes the artifact fixed, never resizing them.
+
+    LiteRT's SignatureRunner resizes every input on every call. ai-edge-litert's aarch64 build
+    (2.2.0 and 2.3.0) segfaults there for a scalar input (`InterpreterWrapper::ResizeInputTensor`
+    memsets 4n-4 bytes for rank n = 0), which is set_learning_rate's, set_proximal_mu's and a
+    scalar weight's. Every artifact input has a fixed shape, so the tensors are allocated once
+    and each call only sets, invokes and reads; SetTensor itself refuses a wrong shape or dtype.
+    """
+
+    def __init__(self, runner: Any):
+        self._wrapper = runner._interpreter_wrapper
+        self._subgraph = runner._subgraph_index
+        self._inputs: dict[str, int] = dict(runner._inputs)
+        self._outputs: list[tuple[str, int]] = list(runner._outputs)
+        self._wrapper.AllocateTensors(self._subgraph)
+
+    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        if inputs.keys() != self._inputs.keys():
+            raise ValueError(f"the signature takes the inputs {sorted(self._inputs)}, got {sorted(inputs)}")
+        for name, value in inputs.items():
+            self._wrapper.SetTensor(self._inputs[name], value, self._subgraph)
+        self._wrapper.Invoke(self._subgraph)
+        return {name: self._wrapper.GetTensor(index, self._subgraph) for name, index in self._outputs}
+
+
+def signature_runner(interpreter: Any, signature: str) -> Callable[..., dict[str, np.ndarray]]:
+    """A callable that runs `signature` of `interpreter` (keyword inputs -> dict of outputs).
+
+    It is the backend's SignatureRunner minus the per-call input resize that crashes
+    ai-edge-litert on aarch64 (see _PresetShapeRunner). A backend whose SignatureRunner lacks
+    the attributes this relies on (ai-edge-litert 2.x and tflite-runtime 2.14 have them)
+    gets its own SignatureRunner, which is correct wherever the resize does not crash.
+    """
+    runner = interpreter.get_signature_runner(signature)
+    try:
+        return _PresetShapeRunner(runner)
+    except AttributeError:
+        return runner

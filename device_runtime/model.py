@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from device_runtime.artifact import read_manifest, verify_content_hash
-from device_runtime.interpreter import load_interpreter, load_interpreter_from_file
+from device_runtime.interpreter import load_interpreter, load_interpreter_from_file, signature_runner
 from device_runtime.mapped_file import release_mapped_pages
 
 REQUIRED_SIGNATURES = (
@@ -212,7 +212,7 @@ class TrainableModel:
         """Invoke one signature of the artifact."""
         runner = self._runners.get(signature)
         if runner is None:
-            runner = self._runners[signature] = self._interpreter.get_signature_runner(signature)
+            runner = self._runners[signature] = signature_runner(self._interpreter, signature)
         return runner(**inputs)
 
     def _padded_batch(self, x: Any, y: Any) -> Batch:

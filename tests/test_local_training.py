@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from device_runtime.data import load_local_data
+from device_runtime.interpreter import _PresetShapeRunner, load_interpreter_from_file, signature_runner
 from device_runtime.mapped_file import release_mapped_pages
 from device_runtime.model import TrainableModel, iterate_batches
 from device_runtime.training import evaluate_locally, train_locally
@@ -29,9 +30,9 @@ pytestmark = pytest.mark.device
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Paths of the 'mlp' and 'cnn' artifacts, converted at most once per module."""
+    """Paths of the 'mlp', 'cnn' and 'scalar' artifacts, converted at most once per module."""
     directory = tmp_path_factory.mktemp("device_artifacts")
-    return {name: artifact_path(name, directory) for name in ("mlp", "cnn")}
+    return {name: artifact_path(name, directory) for name in ("mlp", "cnn", "scalar")}
 
 
 @pytest.fixture
@@ -171,6 +172,40 @@ def test_learning_rate_override(mlp: TrainableModel) -> None:
     assert_same_weights(mlp.get_weights(), initial)
     assert frozen.metrics["num_examples"] == 20
     assert any(np.any(d) for d in train_locally(mlp, learnable(10), learning_rate=0.1).delta)
+
+
+def test_scalar_inputs_set_and_train(artifacts: dict[str, Path]) -> None:
+    """Every rank-0 input of the format: set_learning_rate's, set_proximal_mu's, a scalar weight's.
+    ai-edge-litert's aarch64 SignatureRunner segfaults resizing them (CI runs this on arm64)."""
+    model = TrainableModel.from_file(artifacts["scalar"], num_threads=1)
+    assert [spec["shape"] for spec in model.weight_specs] == [[8, 3], []]
+    assert model.set_learning_rate(0.05) == pytest.approx(0.05)
+    assert model.set_proximal_mu(0.5) == 0.5
+    weights = model.get_weights()
+    weights[1] = np.float32(2.0)
+    model.set_weights(weights)
+    assert model.get_weights()[1].shape == () and model.get_weights()[1] == 2.0
+    result = train_locally(model, learnable(12), learning_rate=0.1, proximal_mu=0.5, initial_weights=weights)
+    assert result.steps == 3 and result.delta[1].shape == () and result.delta[1] != 0.0
+    assert model.get_weights()[1] == pytest.approx(2.0 + float(result.delta[1]))
+
+
+def test_signatures_run_without_resizing_and_as_litert_runs_them(artifacts: dict[str, Path]) -> None:
+    """The installed backend's runners are the no-resize kind; they train as its SignatureRunner does
+    and refuse an input of the wrong shape or a missing one."""
+    x, y = learnable(4)
+    inputs = {"x": x, "y": y, "mask": np.ones(4, np.float32)}
+    ours, theirs = (load_interpreter_from_file(artifacts["mlp"], num_threads=1) for _ in range(2))
+    train = signature_runner(ours, "train")
+    assert isinstance(train, _PresetShapeRunner)
+    for _ in range(3):  # the same losses step after step: the same variables, updated the same way
+        assert train(**inputs)["loss"] == theirs.get_signature_runner("train")(**inputs)["loss"]
+    for name, weight in signature_runner(ours, "get_weights")().items():
+        np.testing.assert_array_equal(weight, theirs.get_signature_runner("get_weights")()[name])
+    with pytest.raises(ValueError, match="[Dd]imension mismatch"):
+        train(x=x[:2], y=y[:2], mask=np.ones(2, np.float32))
+    with pytest.raises(ValueError, match="takes the inputs"):
+        train(x=x, y=y)
 
 
 def test_reset_optimizer(cnn: TrainableModel) -> None:
