@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import os
 from typing import Any, Callable
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 _BACKENDS = (
     ("ai-edge-litert", "ai_edge_litert.interpreter"),
@@ -74,7 +77,7 @@ def load_interpreter_from_file(path: str | os.PathLike[str], num_threads: int | 
     return interpreter_cls(model_path=os.fspath(path), num_threads=threads)
 
 
-class _PresetShapeRunner:
+class PresetShapeRunner:
     """Runs one signature with its inputs at the shapes the artifact fixed, never resizing them.
 
     LiteRT's SignatureRunner resizes every input on every call. ai-edge-litert's aarch64 build
@@ -84,7 +87,9 @@ class _PresetShapeRunner:
     and each call only sets, invokes and reads; SetTensor itself refuses a wrong shape or dtype.
     """
 
-    def __init__(self, runner: Any):
+    def __init__(self, runner: Any) -> None:
+        """Take over `runner`'s interpreter (which owns the model's memory: kept alive here) and signature."""
+        self._interpreter = runner._interpreter
         self._wrapper = runner._interpreter_wrapper
         self._subgraph = runner._subgraph_index
         self._inputs: dict[str, int] = dict(runner._inputs)
@@ -92,6 +97,7 @@ class _PresetShapeRunner:
         self._wrapper.AllocateTensors(self._subgraph)
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """Set every input by its signature name, invoke, and return copies of the outputs by name."""
         if inputs.keys() != self._inputs.keys():
             raise ValueError(f"the signature takes the inputs {sorted(self._inputs)}, got {sorted(inputs)}")
         for name, value in inputs.items():
@@ -100,16 +106,27 @@ class _PresetShapeRunner:
         return {name: self._wrapper.GetTensor(index, self._subgraph) for name, index in self._outputs}
 
 
+# What PresetShapeRunner reads of a SignatureRunner (ai-edge-litert 2.x and tflite-runtime 2.14 have them).
+_RUNNER_ATTRIBUTES = ("_interpreter", "_interpreter_wrapper", "_subgraph_index", "_inputs", "_outputs")
+
+
 def signature_runner(interpreter: Any, signature: str) -> Callable[..., dict[str, np.ndarray]]:
     """A callable that runs `signature` of `interpreter` (keyword inputs -> dict of outputs).
 
     It is the backend's SignatureRunner minus the per-call input resize that crashes
-    ai-edge-litert on aarch64 (see _PresetShapeRunner). A backend whose SignatureRunner lacks
-    the attributes this relies on (ai-edge-litert 2.x and tflite-runtime 2.14 have them)
-    gets its own SignatureRunner, which is correct wherever the resize does not crash.
+    ai-edge-litert on aarch64 (see PresetShapeRunner). A backend whose SignatureRunner lacks
+    the attributes this relies on gets its own SignatureRunner, with a warning.
     """
     runner = interpreter.get_signature_runner(signature)
-    try:
-        return _PresetShapeRunner(runner)
-    except AttributeError:
+    missing = [name for name in _RUNNER_ATTRIBUTES if not hasattr(runner, name)]
+    if missing:
+        _warn_resizing_runner(type(runner).__module__, tuple(missing))
         return runner
+    return PresetShapeRunner(runner)
+
+
+@functools.cache
+def _warn_resizing_runner(module: str, missing: tuple[str, ...]) -> None:
+    """Say once that this backend's runner resizes inputs, which crashes ai-edge-litert 2.2-2.3 on aarch64."""
+    logger.warning("%s's SignatureRunner lacks %s: using it as is; it resizes every input on every call, "
+                   "which crashes ai-edge-litert 2.2-2.3 on aarch64 for scalar inputs", module, ", ".join(missing))

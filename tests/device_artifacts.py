@@ -15,7 +15,7 @@ from typing import Any, Callable
 ENV_VAR = "FEDGE_TEST_ARTIFACTS"
 
 
-def _keras(keras: Any, model: Any, optimizer: Any) -> Any:
+def _keras(model: Any, optimizer: Any) -> Any:
     """Convert a Keras classifier: sparse categorical cross-entropy, accuracy, batch 4."""
     from converters import convert_keras_model
 
@@ -27,14 +27,14 @@ def _mlp(keras: Any) -> Any:
     """Dense 8 -> 16 relu -> 3 softmax, plain SGD, batch 4."""
     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
                               keras.layers.Dense(3, activation="softmax")], name="mlp")
-    return _keras(keras, model, keras.optimizers.SGD(learning_rate=0.1))
+    return _keras(model, keras.optimizers.SGD(learning_rate=0.1))
 
 
 def _cnn(keras: Any) -> Any:
     """Conv2D on 6x6x1 -> flatten -> 3 softmax, SGD with momentum (an optimizer with state), batch 4."""
     model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(4, 3, activation="relu"),
                               keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")], name="cnn")
-    return _keras(keras, model, keras.optimizers.SGD(learning_rate=0.02, momentum=0.9))
+    return _keras(model, keras.optimizers.SGD(learning_rate=0.02, momentum=0.9))
 
 
 def _scalar(keras: Any) -> Any:

@@ -6,6 +6,7 @@ FEDGE_TEST_ARTIFACTS, or converted on the spot where TensorFlow is installed).
 
 from __future__ import annotations
 
+import gc
 import mmap
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from device_runtime.data import load_local_data
-from device_runtime.interpreter import _PresetShapeRunner, load_interpreter_from_file, signature_runner
+from device_runtime.interpreter import PresetShapeRunner, load_interpreter, load_interpreter_from_file, signature_runner
 from device_runtime.mapped_file import release_mapped_pages
 from device_runtime.model import TrainableModel, iterate_batches
 from device_runtime.training import evaluate_locally, train_locally
@@ -197,7 +198,7 @@ def test_signatures_run_without_resizing_and_as_litert_runs_them(artifacts: dict
     inputs = {"x": x, "y": y, "mask": np.ones(4, np.float32)}
     ours, theirs = (load_interpreter_from_file(artifacts["mlp"], num_threads=1) for _ in range(2))
     train = signature_runner(ours, "train")
-    assert isinstance(train, _PresetShapeRunner)
+    assert isinstance(train, PresetShapeRunner)
     for _ in range(3):  # the same losses step after step: the same variables, updated the same way
         assert train(**inputs)["loss"] == theirs.get_signature_runner("train")(**inputs)["loss"]
     for name, weight in signature_runner(ours, "get_weights")().items():
@@ -206,6 +207,19 @@ def test_signatures_run_without_resizing_and_as_litert_runs_them(artifacts: dict
         train(x=x[:2], y=y[:2], mask=np.ones(2, np.float32))
     with pytest.raises(ValueError, match="takes the inputs"):
         train(x=x, y=y)
+
+
+def test_a_runner_keeps_its_interpreter_and_model_alive(artifacts: dict[str, Path]) -> None:
+    """The interpreter of `model_content` owns the model's memory; a runner outlives every other reference."""
+    model_bytes = artifacts["mlp"].read_bytes()
+    train = signature_runner(load_interpreter(model_bytes, num_threads=1), "train")
+    size = len(model_bytes)
+    del model_bytes
+    gc.collect()
+    overwrite = [b"\xff" * size for _ in range(16)]  # what would reuse freed model memory
+    x, y = learnable(8)
+    losses = [float(train(x=x[:4], y=y[:4], mask=np.ones(4, np.float32))["loss"]) for _ in range(5)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0] and len(overwrite) == 16
 
 
 def test_reset_optimizer(cnn: TrainableModel) -> None:
