@@ -5,8 +5,6 @@ Also the manifest packaging every entry point shares (converters/custom.py is th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable
 
 import keras
@@ -20,23 +18,9 @@ from converters.module import ArtifactModule, weight_key
 from converters.optimizers import optimizer_config
 from converters.tflite_file import convert_signatures, embed_manifest
 from converters.trainer import TrainableModule
+from device_runtime.artifact import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, Artifact, read_manifest
 
-FORMAT_VERSION = 1
 _ACCURACY_NAMES = {"accuracy", "acc", "sparse_categorical_accuracy", "categorical_accuracy", "binary_accuracy"}
-
-
-@dataclass(frozen=True)
-class ConversionResult:
-    """The artifact's bytes and the manifest embedded in them."""
-
-    tflite_bytes: bytes
-    manifest: dict[str, Any]
-
-    def save(self, path: str | Path) -> Path:
-        """Write the `.tflite` file and return its path."""
-        path = Path(path)
-        path.write_bytes(self.tflite_bytes)
-        return path
 
 
 def tracks_accuracy(metrics: Iterable[Any] | None, loss: LossSpec) -> bool:
@@ -87,7 +71,7 @@ def keras_metric_finalizers(metric_variables: list[str]) -> dict[str, list[str]]
 
 
 def package_artifact(module: ArtifactModule, *, model_name: str, weight_names: list[str], loss: dict[str, Any],
-                     finalizers: dict[str, list[str]]) -> ConversionResult:
+                     finalizers: dict[str, list[str]]) -> Artifact:
     """Convert `module`'s signatures (builtin ops only, checked) and embed the manifest of docs/artifact.md.
 
     Every entry point (a Keras model, a custom fedge Model) ends here, so all artifacts share
@@ -100,8 +84,8 @@ def package_artifact(module: ArtifactModule, *, model_name: str, weight_names: l
                for i, (name, variable, trainable) in enumerate(zip(weight_names, module.model_weights,
                                                                    module.trainable_flags))]
     manifest = {
-        "format": "fedge-trainable",
-        "format_version": FORMAT_VERSION,
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_FORMAT_VERSION,
         "model_name": model_name,
         "batch_size": int(module.x_spec.shape[0]),
         "input": _spec_entry(module.x_spec),
@@ -117,13 +101,12 @@ def package_artifact(module: ArtifactModule, *, model_name: str, weight_names: l
         "producer": f"fedge 0.1.0 (tensorflow {tf.__version__}, keras {keras.__version__})",
     }
     packed = embed_manifest(model_bytes, manifest)
-    from device_runtime.artifact import read_manifest
-    return ConversionResult(packed, read_manifest(packed))
+    return Artifact(packed, read_manifest(packed))
 
 
 def convert_keras_model(model: keras.Model, *, loss: Any, optimizer: Any, batch_size: int,
                         metrics: Iterable[Any] | None = ("accuracy",),
-                        model_name: str | None = None, proximal: bool = False) -> ConversionResult:
+                        model_name: str | None = None, proximal: bool = False) -> Artifact:
     """Lower `model` to a `.tflite` that trains with builtin ops only (docs/artifact.md).
 
     Unsupported layers, losses and optimizer options raise before anything is converted;

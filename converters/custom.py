@@ -18,10 +18,11 @@ from typing import Any
 
 import tensorflow as tf
 
-from converters.convert import ConversionResult, check_batch_size, package_artifact
+from converters.convert import check_batch_size, package_artifact
 from converters.errors import ConversionError
 from converters.module import ArtifactModule
 from converters.optimizers import optimizer_config
+from device_runtime.artifact import Artifact
 
 _FINALIZER_ARITY = {"divide": 2, "identity": 1}
 
@@ -140,7 +141,7 @@ def _check_traced(module: CustomModule) -> None:
 
 
 def convert_custom_model(model: Any, *, optimizer: Any, batch_size: int, proximal: bool = False,
-                         model_name: str | None = None) -> ConversionResult:
+                         model_name: str | None = None) -> Artifact:
     """Lower a custom fedge Model to the builtin-only trainable artifact of docs/artifact.md.
 
     The weights are the model's trainable_variables then non_trainable_variables; the

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import flatbuffers
@@ -188,6 +190,35 @@ def verify_content_hash(model_bytes: bytes) -> str:
     if claimed != actual:
         raise ArtifactError(f"content hash mismatch: manifest says {claimed}, bytes give {actual}")
     return actual
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A trainable artifact: the `.tflite` bytes and the manifest embedded in them.
+
+    What the converters produce and what the server, the in-process executors and the
+    simulator hand to devices; reading one needs no TensorFlow.
+    """
+
+    tflite_bytes: bytes
+    manifest: dict[str, Any]
+
+    @classmethod
+    def from_bytes(cls, model_bytes: bytes) -> Artifact:
+        """The artifact in `model_bytes`, its content hash verified (ArtifactError otherwise)."""
+        verify_content_hash(model_bytes)
+        return cls(model_bytes, read_manifest(model_bytes))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Artifact:
+        """The artifact in the `.tflite` file at `path`, its content hash verified."""
+        return cls.from_bytes(Path(path).read_bytes())
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the `.tflite` file and return its path."""
+        path = Path(path)
+        path.write_bytes(self.tflite_bytes)
+        return path
 
 
 @lru_cache(maxsize=1)

@@ -1,7 +1,7 @@
 """One simulated client's work in an in-process executor's worker: what a device does in a round.
 
 Imports only device_runtime (no TensorFlow), so worker processes stay small and start fast;
-it lives outside fedge.learning because importing that package imports TensorFlow. The
+it lives outside fedge.learning so that a worker imports none of the process machinery. The
 worker reads the artifact and the round's global weights from files named by their hash
 (as a device fetches them by hash), decodes the weights with the wire codec, trains with
 `train_locally` and returns its delta encoded as the FlatBuffers update a device publishes.

@@ -1,7 +1,8 @@
 """The `fedge` command: `fedge convert` lowers a saved Keras model, `fedge inspect` reads an artifact,
 `fedge serve` runs federated rounds over MQTT, `fedge broker-config` and `fedge signing-key` secure a fleet.
 
-TensorFlow is imported only by `convert` and `serve`; `inspect` needs the device-side dependencies alone.
+TensorFlow is imported only by `convert`, `simulate` and `serve` of a `.keras` model; `serve` of a `.tflite`
+and `inspect` need the device-side dependencies alone.
 """
 
 from __future__ import annotations

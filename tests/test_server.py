@@ -22,10 +22,9 @@ import paho.mqtt.client as mqtt
 import pytest
 
 import fedge.learning as fl
-from converters import ConversionResult
 from device_artifacts import artifact_path
 from device_runtime.agent import DeviceAgent
-from device_runtime.artifact import read_manifest
+from device_runtime.artifact import Artifact
 from device_runtime.protocol import (ModelUpdate, decode_task, encode_status, encode_update, status_topic, task_topic,
                                      update_topic)
 from fedge.learning import optimizers
@@ -53,13 +52,12 @@ def toy_data(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory: pytest.TempPathFactory) -> ConversionResult:
-    """The 'mlp' test artifact (input (8,), 3 classes, SGD 0.1, batch 4) as a ConversionResult."""
-    model_bytes = artifact_path("mlp", tmp_path_factory.mktemp("artifacts")).read_bytes()
-    return ConversionResult(model_bytes, read_manifest(model_bytes))
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
+    """The 'mlp' test artifact (input (8,), 3 classes, SGD 0.1, batch 4)."""
+    return Artifact.from_file(artifact_path("mlp", tmp_path_factory.mktemp("artifacts")))
 
 
-def make_process(artifact: ConversionResult, executor: Any, epochs: int = 1, seed: int | None = 0) -> LearningProcess:
+def make_process(artifact: Artifact, executor: Any, epochs: int = 1, seed: int | None = 0) -> LearningProcess:
     """FedAvg on the artifact with `executor`."""
     return LearningProcess(artifact, artifact.manifest["metrics"]["finalizers"], ClientWork(epochs, seed=seed),
                            fl.ClientWeighting.NUM_EXAMPLES, optimizers.SGD(1.0), executor)

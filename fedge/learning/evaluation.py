@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import keras
-
-from converters import ConversionResult
+from device_runtime.artifact import Artifact
 from fedge.learning.executors import Executor, get_default_executor
 from fedge.learning.lowering import lower_model_fn
 from fedge.learning.metrics import sum_then_finalize
@@ -17,7 +15,7 @@ from fedge.learning.state import ModelWeights
 class FederatedEvaluation:
     """`(model_weights, federated_data) -> {"eval": finalized metrics, "num_clients": n}` (TFF's federated evaluation)."""
 
-    def __init__(self, artifact: ConversionResult, metric_finalizers: dict[str, list[str]],
+    def __init__(self, artifact: Artifact, metric_finalizers: dict[str, list[str]],
                  executor: Executor | None) -> None:
         """Evaluate with `artifact`'s `evaluate` signature; `executor` None uses the default executor."""
         self._artifact = artifact
@@ -25,7 +23,7 @@ class FederatedEvaluation:
         self._executor = executor
 
     @property
-    def artifact(self) -> ConversionResult:
+    def artifact(self) -> Artifact:
         """The artifact clients evaluate with."""
         return self._artifact
 
@@ -46,5 +44,7 @@ class FederatedEvaluation:
 def build_federated_evaluation(model_fn: Callable[[], Any], batch_size: int | None = None,
                                executor: Executor | None = None) -> FederatedEvaluation:
     """Lower `model_fn`'s model once for evaluation (batch size: given, else the model's batch_size_hint)."""
+    import keras  # here, not above: serving a .tflite evaluates without TensorFlow
+
     lowered = lower_model_fn(model_fn, batch_size, keras.optimizers.SGD())  # evaluation never steps the optimizer
     return FederatedEvaluation(lowered.artifact, lowered.metric_finalizers, executor)

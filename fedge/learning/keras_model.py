@@ -14,11 +14,12 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from converters import ConversionResult, convert_keras_model
+from converters import convert_keras_model
 from converters.convert import keras_data_specs, keras_metric_finalizers, tracks_accuracy
 from converters.graph import build_graph
 from converters.losses import correct_predictions, loss_spec, valid_positions
 from converters.trainer import find_logits_node, metric_variable_names
+from device_runtime.artifact import Artifact
 from fedge.learning.model import BatchOutput, Model, unpack_batch
 
 
@@ -142,7 +143,7 @@ class KerasModel(Model):
     def metric_finalizers(self) -> dict[str, list[str]]:
         return keras_metric_finalizers(list(self._metric_variables))
 
-    def lower(self, *, batch_size: int, optimizer: Any, proximal: bool = False) -> ConversionResult:
+    def lower(self, *, batch_size: int, optimizer: Any, proximal: bool = False) -> Artifact:
         """The Keras lowering of a clone holding the current weights (the user's model is never touched)."""
         clone = keras.models.clone_model(self._keras_model)
         clone.set_weights(self._keras_model.get_weights())

@@ -6,14 +6,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from converters import ConversionResult
+from device_runtime.artifact import Artifact
 
 
 @dataclass(frozen=True)
 class LoweredModel:
     """The artifact of a model function and the finalizers of its metrics."""
 
-    artifact: ConversionResult
+    artifact: Artifact
     metric_finalizers: dict[str, list[str]]
 
 

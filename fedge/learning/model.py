@@ -15,8 +15,8 @@ from typing import Any, NamedTuple
 
 import tensorflow as tf
 
-from converters import ConversionResult
 from converters.custom import convert_custom_model
+from device_runtime.artifact import Artifact
 
 
 class BatchOutput(NamedTuple):
@@ -106,7 +106,7 @@ class Model(abc.ABC):
         batch = self.input_spec[0].shape[0]
         return None if batch is None else int(batch)
 
-    def lower(self, *, batch_size: int, optimizer: Any, proximal: bool = False) -> ConversionResult:
+    def lower(self, *, batch_size: int, optimizer: Any, proximal: bool = False) -> Artifact:
         """Compile the model, with its current weights, into the builtin-only trainable artifact.
 
         `optimizer` is a keras SGD/Adam instance or "sgd"/"adam"; `proximal=True` adds FedProx's

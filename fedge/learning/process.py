@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from converters import ConversionResult
 from device_runtime import TrainableModel
+from device_runtime.artifact import Artifact
 from fedge.learning import optimizers
 from fedge.learning.aggregation import Aggregator, ClientWeighting, MeanAggregator
 from fedge.learning.executors import ClientUpdate, Executor, RoundFailedError, TrainConfig, get_default_executor
@@ -78,7 +78,7 @@ class LearningProcess(IterativeProcess):
     (state, metrics) with metrics in TFF's structure: distributor, client_work, aggregator, finalizer.
     """
 
-    def __init__(self, artifact: ConversionResult, metric_finalizers: dict[str, list[str]], client_work: ClientWork,
+    def __init__(self, artifact: Artifact, metric_finalizers: dict[str, list[str]], client_work: ClientWork,
                  client_weighting: ClientWeighting, server_optimizer: optimizers.ServerOptimizer,
                  executor: Executor | None, model_aggregator: Aggregator | None = None) -> None:
         """Compose a process from its parts; `executor` None uses the default executor at each round,
@@ -104,7 +104,7 @@ class LearningProcess(IterativeProcess):
         self._initial_weights = ModelWeights.from_list(artifact.manifest, initial)
 
     @property
-    def artifact(self) -> ConversionResult:
+    def artifact(self) -> Artifact:
         """The trainable artifact (bytes and manifest) every client runs."""
         return self._artifact
 

@@ -13,8 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from converters import ConversionResult
-from device_runtime.artifact import ArtifactError, read_manifest, verify_content_hash
+from device_runtime.artifact import Artifact, ArtifactError
 from device_runtime.data import load_local_data
 from device_runtime.signing import key_id, load_signing_key
 from fedge.learning import optimizers
@@ -37,7 +36,7 @@ class UsageError(Exception):
     """Arguments that cannot work together; `fedge serve` prints the message and exits with 2."""
 
 
-def load_artifact(args: argparse.Namespace) -> ConversionResult:
+def load_artifact(args: argparse.Namespace) -> Artifact:
     """The trainable artifact: a .tflite as is (content hash verified), a .keras model converted first."""
     path = Path(args.model)
     if path.suffix == ".keras":
@@ -64,9 +63,7 @@ def load_artifact(args: argparse.Namespace) -> ConversionResult:
     if args.loss is not None or args.batch_size is not None:
         raise UsageError("--loss and --batch-size apply to a .keras model; a .tflite artifact has its own")
     try:
-        model_bytes = path.read_bytes()
-        verify_content_hash(model_bytes)
-        return ConversionResult(model_bytes, read_manifest(model_bytes))
+        return Artifact.from_file(path)
     except (OSError, ArtifactError) as error:
         raise UsageError(f"{path}: {error}") from None
 

@@ -1,0 +1,68 @@
+"""`fedge serve ARTIFACT.tflite` with the device extra alone: a real server process, real agents, no TensorFlow.
+
+CI runs this module in the device-only venv (where TensorFlow is not installed) and on arm64;
+in the desktop venv the server process reports whether it loaded TensorFlow or Keras.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device_artifacts import artifact_path
+from device_runtime.agent import DeviceAgent
+from test_device_agent import wait_until
+
+pytestmark = pytest.mark.device
+
+TIMEOUT_S = 120.0
+# Runs `fedge` in the server process, then says which of the heavy packages that process imported.
+_SERVE_AND_REPORT = ("import sys\nfrom fedge.cli import main\nstatus = main(sys.argv[1:])\n"
+                     "print('imported:', sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))\n"
+                     "sys.exit(status)")
+
+
+def _examples(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 'mlp' artifact's task (8 features, 3 classes): which of three centres an example lies near."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, size).astype(np.int32)
+    return (np.eye(3, 8, dtype=np.float32)[y] * 2.5 + rng.normal(scale=0.8, size=(size, 8))).astype(np.float32), y
+
+
+def test_serving_a_tflite_trains_rounds_without_tensorflow(mosquitto_broker, fleet, tmp_path: Path) -> None:
+    model = artifact_path("mlp", tmp_path / "artifacts")
+    x, y = _examples(40, seed=9)
+    np.savez(tmp_path / "held_out.npz", x=x, y=y)
+    host, port = mosquitto_broker
+    broker = f"mqtt://{host}:{port}"
+    agents = [DeviceAgent(broker, fleet, f"dev-{i}", _examples(16, seed=i), cache_dir=tmp_path / f"cache-{i}",
+                          num_threads=1) for i in range(2)]
+    for agent in agents:
+        agent.start()
+    try:
+        for agent in agents:
+            wait_until(lambda: agent.ready, f"agent {agent.device_id} to connect")
+        log = tmp_path / "metrics.jsonl"
+        command = [sys.executable, "-c", _SERVE_AND_REPORT, "serve", str(model), "--broker", broker,
+                   "--fleet", fleet, "--rounds", "2", "--clients-per-round", "2", "--over-selection", "1",
+                   "--deadline", "60", "--checkin-timeout", "60", "--learning-rate", "0.05",
+                   "--server-optimizer", "adam", "--eval-data", str(tmp_path / "held_out.npz"),
+                   "--checkpoint-dir", str(tmp_path / "checkpoints"), "--metrics-log", str(log)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
+    finally:
+        for agent in agents:
+            agent.stop(timeout=TIMEOUT_S)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "imported: []" in result.stdout, output[-3000:]
+    assert "all rounds done: 2 of 2 rounds (0 failed" in output
+    rounds = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert all(r["outcome"] == "completed" and r["accepted"] == 2 and r["train_num_examples"] == 32 for r in rounds)
+    assert all(0.0 <= r["eval_accuracy"] <= 1.0 and r["eval_num_examples"] == 40 for r in rounds)
+    assert (tmp_path / "checkpoints" / "state.npz").exists()
