@@ -223,11 +223,11 @@ class DeviceAgent:
             try:
                 self._run_round(task)
             except ValueError as error:  # e.g. local data unlike the model's input: a clear message suffices
-                self._count("rounds_failed")
-                logger.error("round %d failed: %s", task.round, error)
+                logger.error("round %d failed: %s", task.round, error)  # logged before counted: who sees
+                self._count("rounds_failed")  # the count also finds the reason
             except Exception:
-                self._count("rounds_failed")
                 logger.exception("round %d failed", task.round)
+                self._count("rounds_failed")
             finally:
                 self._set_state("online")
 
