@@ -66,14 +66,15 @@ def inspect_report(model_bytes: bytes) -> dict[str, Any]:
     operators = list_operators(model_bytes)
     manifest = read_manifest(model_bytes)
     try:
-        hash_status = f"ok ({verify_content_hash(model_bytes)})"
+        hash_status, hash_ok = f"ok ({verify_content_hash(model_bytes)})", True
     except ArtifactError as error:
-        hash_status = f"MISMATCH: {error}"
+        hash_status, hash_ok = f"MISMATCH: {error}", False
     return {
         "size_bytes": len(model_bytes),
         "num_parameters": manifest.get("num_parameters"),
         "builtin_only": all(op.builtin for op in operators),
         "content_hash": hash_status,
+        "content_hash_ok": hash_ok,
         "signatures": {s.key: {"inputs": {t.name: [list(t.shape), t.dtype] for t in s.inputs},
                                "outputs": {t.name: [list(t.shape), t.dtype] for t in s.outputs}}
                        for s in list_signatures(model_bytes)},
@@ -113,7 +114,7 @@ def inspect_command(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         _print_report(args.file, report)
-    return 0 if report["builtin_only"] else 1
+    return 0 if report["builtin_only"] and report["content_hash_ok"] else 1
 
 
 def serve_command(args: argparse.Namespace) -> int:

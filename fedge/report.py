@@ -3,6 +3,7 @@
 Writes `metrics.jsonl` (one JSON object per round), `accuracy_loss.png`, `round_durations.png`,
 `participation.png`, `final_model.keras` (the trained Keras model) and `final_model.tflite`
 (a plain inference model, builtin ops, for deployment without the training signatures).
+`claim_report_folder` decides whether a folder may become (or be replaced by) a report.
 """
 
 from __future__ import annotations
@@ -10,11 +11,48 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+SIMULATION_LOG = "simulation.log"
+CHECKPOINTS = "checkpoints"
+REPORT_MARKER = ".fedge-report"
+# Everything a report folder may hold: only a folder of these, with the marker, is ever replaced.
+REPORT_ENTRIES = frozenset({REPORT_MARKER, SIMULATION_LOG, CHECKPOINTS, "metrics.jsonl", "accuracy_loss.png",
+                            "round_durations.png", "participation.png", "final_model.keras", "final_model.tflite"})
+
+
+class ReportFolderError(Exception):
+    """The folder cannot become a report folder without deleting something fedge did not write."""
+
+
+def claim_report_folder(path: Path) -> Path:
+    """Make `path` an empty report folder, marked as fedge's.
+
+    A missing or empty folder is created and marked; an earlier report (the marker and nothing
+    but REPORT_ENTRIES) is replaced; anything else raises ReportFolderError and is left as is,
+    so a mistyped --out never deletes a user's files.
+    """
+    if path.exists() and not path.is_dir():
+        raise ReportFolderError(f"{path} exists and is not a folder")
+    entries = sorted(entry.name for entry in path.iterdir()) if path.exists() else []
+    if entries:
+        foreign = [name for name in entries if name not in REPORT_ENTRIES]
+        if REPORT_MARKER not in entries or foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "") if foreign else "no report marker"
+            raise ReportFolderError(f"{path} holds files fedge did not write ({shown}): give --out a new or empty "
+                                    f"folder, or one an earlier fedge simulate wrote")
+        for name in entries:
+            entry = path / name
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    (path / REPORT_MARKER).write_text("a fedge simulate report; the next run into this folder replaces it\n")
+    return path
+
 
 ROUND_FIELDS = ("round", "seconds", "selected", "accepted", "dropped", "bytes_up", "bytes_down",
                 "train_loss", "train_accuracy", "eval_loss", "eval_accuracy")

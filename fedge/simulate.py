@@ -11,11 +11,13 @@ import argparse
 import contextlib
 import logging
 import math
-import shutil
+import sys
 import time
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
+
+from device_runtime.cli import positive
 
 DEFAULT_SCENARIO = "digits.toml"
 
@@ -26,15 +28,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", metavar="URL", help="an external broker (default: start an embedded one)")
     parser.add_argument("--embedded-broker", choices=["auto", "mosquitto", "amqtt"], default="auto",
                         help="which embedded broker: Mosquitto when installed, else amqtt (default: auto)")
-    parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--clients-per-round", type=int, default=20, help="reports that close a round")
-    parser.add_argument("--min-reports", type=int, default=10, help="fewer reports by the deadline fail the round")
-    parser.add_argument("--deadline", type=float, default=20.0, metavar="SECONDS", help="reporting deadline")
-    parser.add_argument("--local-epochs", type=int, default=5)
-    parser.add_argument("--learning-rate", type=float, default=0.1, help="client SGD learning rate (momentum 0.9)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--rounds", type=positive(int), default=40)
+    parser.add_argument("--clients-per-round", type=positive(int), default=20, help="reports that close a round")
+    parser.add_argument("--min-reports", type=positive(int), default=10, help="fewer reports by the deadline fail the round")
+    parser.add_argument("--deadline", type=positive(float), default=20.0, metavar="SECONDS", help="reporting deadline")
+    parser.add_argument("--local-epochs", type=positive(int), default=5)
+    parser.add_argument("--learning-rate", type=positive(float), default=0.1, help="client SGD learning rate (momentum 0.9)")
+    parser.add_argument("--batch-size", type=positive(int), default=16)
     parser.add_argument("--encoding", choices=["float32", "float16", "int8"], default="float32")
-    parser.add_argument("--out", default="reports/simulation", help="report folder (replaced on each run)")
+    parser.add_argument("--out", default="reports/simulation",
+                        help="report folder (an earlier report there is replaced; a folder with other files is refused)")
     parser.add_argument("--log-level", default="WARNING", type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -58,11 +61,23 @@ def _scenario_path(name: str | None) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run the simulation and write the report; 0 when every round was attempted."""
-    out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)  # a simulation starts over; `fedge serve` is the one that resumes
-    out.mkdir(parents=True)
+    from fedge.report import CHECKPOINTS, SIMULATION_LOG, ReportFolderError, claim_report_folder
+    from fedge.server.serve import UsageError, model_aggregator
+    from simulator.scenario import ScenarioError, load_scenario
+
+    try:  # everything that can refuse the job before the report folder is touched
+        scenario = load_scenario(_scenario_path(args.scenario))
+        if scenario.data is None or scenario.data.dataset != "digits":
+            raise UsageError(f"{args.scenario or DEFAULT_SCENARIO}: the scenario needs a [data] section with "
+                             f"dataset = \"digits\"")
+        aggregator = model_aggregator(args)
+        # A simulation starts over (`fedge serve` is the one that resumes), in a folder it may replace.
+        out = claim_report_folder(Path(args.out))
+    except (ScenarioError, UsageError, ValueError, ReportFolderError) as error:
+        print(f"fedge simulate: error: {error}", file=sys.stderr)
+        return 2
     # Devices dropping out and coming back log what happened to them: into the report folder, not over the progress.
-    logging.basicConfig(level=args.log_level, filename=out / "simulation.log",
+    logging.basicConfig(level=args.log_level, filename=out / SIMULATION_LOG,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import keras
     from rich.console import Console
@@ -77,21 +92,10 @@ def run(args: argparse.Namespace) -> int:
     from fedge.report import write_report
     from fedge.server.mqtt_executor import MqttExecutor
     from fedge.server.rounds import FederatedServer, ServerSettings
-    from fedge.server.serve import UsageError, model_aggregator
     from fedge.simulation import models
     from simulator.fleet import Fleet
-    from simulator.scenario import load_scenario
 
     console = Console()
-    scenario = load_scenario(_scenario_path(args.scenario))
-    if scenario.data is None or scenario.data.dataset != "digits":
-        console.print("fedge simulate: the scenario needs a [data] section with dataset = \"digits\"")
-        return 2
-    try:
-        aggregator = model_aggregator(args)
-    except (UsageError, ValueError) as error:
-        console.print(f"fedge simulate: {error}")
-        return 2
     train_clients, test_data = scenario.load_data()
     keras.utils.set_random_seed(scenario.seed)
     keras_model = models.digits_cnn()
@@ -130,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
                     highlight=False)
                 progress.update(bar, advance=1, description=f"held-out accuracy {record.get('eval_accuracy', 0):.3f}")
 
-            server = FederatedServer(process, executor, ServerSettings(args.rounds, out / "checkpoints", None,
+            server = FederatedServer(process, executor, ServerSettings(args.rounds, out / CHECKPOINTS, None,
                                                                        scenario.seed, 60.0, 1),
                                      evaluation, [test_data], on_round=on_round)
             fleet.start()

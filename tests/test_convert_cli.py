@@ -112,6 +112,10 @@ def test_inspect_reports_tampering_and_rejects_garbage(tmp_path, capsys):
     tampered.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="hash"):
         TrainableModel.from_file(tampered)
+    capsys.readouterr()
+    assert main(["inspect", str(tampered), "--json"]) == 1  # a verdict, not a pass
+    report = json.loads(capsys.readouterr().out)
+    assert not report["content_hash_ok"] and report["content_hash"].startswith("MISMATCH")
     garbage = tmp_path / "garbage.tflite"
     garbage.write_bytes(b"\x00" * 64)
     assert main(["inspect", str(garbage)]) == 2

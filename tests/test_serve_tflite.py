@@ -66,3 +66,23 @@ def test_serving_a_tflite_trains_rounds_without_tensorflow(mosquitto_broker, fle
     assert all(r["outcome"] == "completed" and r["accepted"] == 2 and r["train_num_examples"] == 32 for r in rounds)
     assert all(0.0 <= r["eval_accuracy"] <= 1.0 and r["eval_num_examples"] == 40 for r in rounds)
     assert (tmp_path / "checkpoints" / "state.npz").exists()
+
+
+def test_fedge_serve_exits_1_when_every_round_of_the_run_failed(mosquitto_broker, fleet, tmp_path: Path) -> None:
+    """A fleet whose only device cannot train (its data has 5 features, the model takes 8): both rounds fail."""
+    model = artifact_path("mlp", tmp_path / "artifacts")
+    host, port = mosquitto_broker
+    broker = f"mqtt://{host}:{port}"
+    x, y = _examples(16, seed=1)
+    agent = DeviceAgent(broker, fleet, "dev-0", (x[:, :5], y), cache_dir=tmp_path / "cache", num_threads=1)
+    agent.start()
+    try:
+        wait_until(lambda: agent.ready, "the agent to connect")
+        command = [sys.executable, "-m", "fedge.cli", "serve", str(model), "--broker", broker, "--fleet", fleet,
+                   "--rounds", "2", "--clients-per-round", "1", "--over-selection", "1", "--deadline", "2",
+                   "--checkin-timeout", "30", "--checkpoint-dir", str(tmp_path / "checkpoints")]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
+    finally:
+        agent.stop(timeout=TIMEOUT_S)
+    assert result.returncode == 1, (result.stdout + result.stderr)[-3000:]
+    assert "fedge serve: error: every round of this run failed (2 of 2)" in result.stderr

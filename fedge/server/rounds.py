@@ -59,7 +59,7 @@ class FederatedServer:
         executor.use_journal(self.checkpoints.directory / JOURNAL_FILE)  # a killed server loses no acked update
         self._log = None if settings.metrics_log is None else MetricsLog(settings.metrics_log)
         self._stopping = threading.Event()
-        self.rounds_failed = 0
+        self.rounds_run = self.rounds_failed = 0  # in this run, not counting rounds resumed from
         self._on_round = on_round
 
     def stop(self) -> None:
@@ -84,6 +84,7 @@ class FederatedServer:
                 break
             trained = time.time()
             outcome = metrics["distributor"]["outcome"]
+            self.rounds_run += 1
             self.rounds_failed += outcome == "failed"
             evaluation = self._evaluate(next_state) if outcome == "completed" else None
             evaluated = time.time()

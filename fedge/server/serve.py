@@ -130,7 +130,8 @@ def build_server(args: argparse.Namespace, password: str | None) -> FederatedSer
 
 
 def serve(args: argparse.Namespace, password: str | None) -> int:
-    """Run the server; 0 when the rounds are done or it was stopped, 1 without a broker, 2 for bad arguments."""
+    """Run the server; 0 when the rounds are done or it was stopped, 1 without a broker or when every round
+    of this run failed, 2 for bad arguments."""
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         server = build_server(args, password)
@@ -155,4 +156,8 @@ def serve(args: argparse.Namespace, password: str | None) -> int:
     done = "all rounds done" if state.round_num >= args.rounds else "stopped; the same command resumes"
     print(f"fedge serve: {done}: {state.round_num} of {args.rounds} rounds ({server.rounds_failed} failed in this "
           f"run); checkpoint {server.checkpoints.path}")
+    if server.rounds_run and server.rounds_failed == server.rounds_run:
+        print(f"fedge serve: error: every round of this run failed ({server.rounds_failed} of {server.rounds_run}); "
+              f"the metrics log and the log above say why", file=sys.stderr)
+        return 1
     return 0
