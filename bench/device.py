@@ -261,7 +261,7 @@ def measure_agent_round(device_python: Path, cnn_bytes: bytes, data_path: Path, 
             if not server.online.wait(TIMEOUT_S):
                 raise RuntimeError(f"the agent did not come online:\n{log_path.read_text()}")
             idle_kb = _proc_status_kb(agent.pid, "VmHWM")
-            task = Task(round=1, model_hash=manifest["content_hash"], learning_rate=None, epochs=1, max_steps=None,
+            task = Task(round=1, run_id="bench", model_hash=manifest["content_hash"], learning_rate=None, epochs=1, max_steps=None,
                         max_seconds=None, deadline=time.time() + 600, selected=None, fraction=None,
                         encoding="float32", topk=None, seed=1)
             published = time.monotonic()

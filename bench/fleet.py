@@ -391,7 +391,7 @@ def measure_aggregation(args: argparse.Namespace, workdir: Path) -> dict:
     result["weights_bytes"] = len(encode_weights("bench", 0, manifest["content_hash"], weights,
                                                  manifest["metrics"]["variables"]))
     selected = math.ceil(round(1.3 * args.per_round, 9))
-    result["task_bytes"] = len(encode_task(Task(0, manifest["content_hash"], 0.01, 1, None, None, time.time() + 60,
+    result["task_bytes"] = len(encode_task(Task(0, "0123456789abcdef", manifest["content_hash"], 0.01, 1, None, None, time.time() + 60,
                                                 [f"phone-{i:03d}" for i in range(selected)], None, "float32", None,
                                                 2**62, "sha256:" + "0" * 64)))
     for encoding in ENCODINGS:

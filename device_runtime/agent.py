@@ -17,7 +17,8 @@ from device_runtime.connection import MqttConnection, TlsFiles, parse_broker_url
 from device_runtime.data import load_local_data
 from device_runtime.model import TrainableModel
 from device_runtime.model_cache import ModelCache, default_cache_dir
-from device_runtime.rounds import checked_model, round_update, skip_reason, task_to_train, training_budget
+from device_runtime.rounds import (checked_model, proximal_strength, round_key, round_update, skip_reason, supersedes,
+                                   task_to_train, training_budget)
 from device_runtime.protocol import (
     ProtocolError,
     Task,
@@ -101,7 +102,7 @@ class DeviceAgent:
         self._tasks: queue.Queue[Task | None] = queue.Queue()
         self._lock = threading.Lock()
         self._status: tuple[str, int | None] = ("online", None)
-        self._started_rounds: set[int] = set()
+        self._started_rounds: set[tuple[str, int]] = set()  # (run id, round)
         self._fetches: dict[str, _RetainedFetch] = {}
         self._stop = threading.Event()
         self._task_subscription: int | None = None
@@ -122,9 +123,9 @@ class DeviceAgent:
 
     @property
     def rounds_trained(self) -> list[int]:
-        """Rounds this agent has started training, in ascending order."""
+        """Round numbers this agent has started training (of any job), in ascending order."""
         with self._lock:
-            return sorted(self._started_rounds)
+            return sorted(round_num for _, round_num in self._started_rounds)
 
     def start(self) -> None:
         """Start the worker and the MQTT network thread (which connects and reconnects with back-off)."""
@@ -241,9 +242,9 @@ class DeviceAgent:
                 return task
             if newer is None:
                 return None
-            if newer.round >= task.round:
+            if supersedes(newer, task):
                 task, newer = newer, task
-            if newer.round != task.round:
+            if round_key(newer) != round_key(task):
                 self._ignore(f"round {newer.round}: superseded by round {task.round}")
         return None
 
@@ -254,9 +255,9 @@ class DeviceAgent:
             self._count("rounds_failed")
             return
         with self._lock:
-            if task.round in self._started_rounds:
+            if round_key(task) in self._started_rounds:
                 return
-            self._started_rounds.add(task.round)
+            self._started_rounds.add(round_key(task))
         model = TrainableModel.from_file(model_path, num_threads=self._num_threads, verify=False)  # verified on fetch
         initial_weights = self._global_weights(task, model)
         if task.weights_hash is not None and initial_weights is None:
@@ -269,7 +270,8 @@ class DeviceAgent:
         result = train_locally(model, self._data, epochs=task.epochs,
                                shuffle_seed=device_shuffle_seed(task.seed, self.device_id),
                                max_steps=task.max_steps, max_seconds=max_seconds,
-                               learning_rate=task.learning_rate, initial_weights=initial_weights)
+                               learning_rate=task.learning_rate, initial_weights=initial_weights,
+                               proximal_mu=proximal_strength(task.proximal_mu, model.manifest))
         self._count("rounds_trained")
         logger.info("round %d: trained %d steps on %d examples in %.2f s%s", task.round, result.steps,
                     result.num_examples, result.seconds, " (budget cut it short)" if result.stopped_early else "")

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Container
+from collections.abc import Container, Mapping
+from typing import Any
 
 from device_runtime.artifact import ArtifactError, verify_content_hash
 from device_runtime.protocol import ModelUpdate, ProtocolError, Task, decode_task, encode_update, is_selected
@@ -18,9 +19,20 @@ from device_runtime.training import LocalResult
 logger = logging.getLogger(__name__)
 
 
-def skip_reason(task: Task, device_id: str, started_rounds: Container[int], now: float) -> str | None:
+def round_key(task: Task) -> tuple[str, int]:
+    """What a device remembers of a round it started: the job's run id and the round number."""
+    return task.run_id, task.round
+
+
+def supersedes(newer: Task, queued: Task) -> bool:
+    """Whether a task that arrived later replaces one still queued: another job's, or a round of the same
+    job at least as recent (the retained task is republished on reconnect)."""
+    return newer.run_id != queued.run_id or newer.round >= queued.round
+
+
+def skip_reason(task: Task, device_id: str, started_rounds: Container[tuple[str, int]], now: float) -> str | None:
     """Why `device_id` should not train `task` at unix time `now`, or None if it should."""
-    if task.round in started_rounds:
+    if round_key(task) in started_rounds:
         return "already trained (or training) this round"
     if not is_selected(task, device_id):
         return "this device is not selected"
@@ -29,7 +41,7 @@ def skip_reason(task: Task, device_id: str, started_rounds: Container[int], now:
     return None
 
 
-def task_to_train(payload: bytes, device_id: str, started_rounds: Container[int], now: float,
+def task_to_train(payload: bytes, device_id: str, started_rounds: Container[tuple[str, int]], now: float,
                   verifier: TaskVerifier | None = None) -> tuple[Task | None, str | None]:
     """(task, None) if this device should train the task payload, (None, why not) if not, (None, None)
     for an empty payload (the server cleared its retained task). `verifier` checks the signature first
@@ -51,6 +63,14 @@ def training_budget(task: Task, now: float) -> float:
     """Seconds of training the task allows from `now`: its max_seconds capped by the time left to the deadline."""
     time_left = task.deadline - now
     return max(0.0, time_left if task.max_seconds is None else min(task.max_seconds, time_left))
+
+
+def proximal_strength(proximal_mu: float | None, manifest: Mapping[str, Any]) -> float | None:
+    """The FedProx mu to train with: the task's, or 0 for a proximal artifact when the task gives none
+    (an interpreter reused across rounds may still hold an earlier task's mu)."""
+    if proximal_mu is None and manifest.get("proximal"):
+        return 0.0
+    return proximal_mu
 
 
 def checked_model(payload: bytes, task: Task) -> bytes:

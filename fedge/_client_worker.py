@@ -16,6 +16,7 @@ import numpy as np
 
 from device_runtime import TrainableModel, evaluate_locally, train_locally
 from device_runtime.protocol import ModelUpdate, decode_weights, encode_update
+from device_runtime.rounds import proximal_strength
 
 SIMULATION_FLEET = "simulation"
 
@@ -64,15 +65,12 @@ def train_client(task: ClientTask) -> bytes:
         delta = [np.zeros_like(w) for w in weights]
         num_examples, metrics = 0, {name: 0.0 for name in model.manifest["metrics"]["variables"]}
     else:
-        proximal_mu = task.proximal_mu
-        if proximal_mu is None and model.manifest.get("proximal"):
-            proximal_mu = 0.0  # the cached model may hold an earlier task's mu
         learning_rate = task.learning_rate  # None: the artifact's own (the cached model may hold an earlier task's)
         if learning_rate is None:
             learning_rate = model.manifest["optimizer"]["learning_rate"]
         result = train_locally(model, (task.x, task.y), epochs=task.epochs, shuffle_seed=task.shuffle_seed,
                                max_steps=task.max_steps, learning_rate=learning_rate, initial_weights=weights,
-                               proximal_mu=proximal_mu)
+                               proximal_mu=proximal_strength(task.proximal_mu, model.manifest))
         delta, num_examples, metrics = result.delta, result.num_examples, result.metrics
     update = ModelUpdate(fleet=SIMULATION_FLEET, round=task.round_num, device_id=client_id(task.client_index),
                          update_id=f"{task.round_num}-{task.client_index}", model_hash=model.content_hash,

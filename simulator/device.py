@@ -27,7 +27,7 @@ from device_runtime.data import LocalData
 from device_runtime.model_cache import DEFAULT_MAX_MODELS
 from device_runtime.protocol import ProtocolError, Task, encode_status
 from device_runtime.protocol.topics import model_topic, status_topic, task_topic, update_topic, weights_topic
-from device_runtime.rounds import skip_reason, task_to_train, training_budget
+from device_runtime.rounds import round_key, skip_reason, supersedes, task_to_train, training_budget
 from device_runtime.signing import Ed25519PublicKey, TaskVerifier
 from simulator.network import LoopClient, LoopThread
 from simulator.scenario import DeviceProfile
@@ -89,7 +89,7 @@ class SimulatedDevice:
                                   on_connection_lost=self._on_connection_lost, username=context.username,
                                   password=context.password, tls_files=context.tls_files)
         self._status: tuple[str, int | None] = ("online", None)
-        self._started_rounds: set[int] = set()
+        self._started_rounds: set[tuple[str, int]] = set()  # (run id, round)
         self._models: OrderedDict[str, None] = OrderedDict()  # hashes this device holds (the artifacts are shared)
         self._fetches: dict[str, asyncio.Queue[bytes]] = {}
         self._life: asyncio.Task[None] | None = None
@@ -229,8 +229,8 @@ class SimulatedDevice:
             return  # the server cleared the retained task, or the device is leaving for good
         elif self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._work(task))
-        elif self._next_task is None or task.round >= self._next_task.round:
-            if self._next_task is not None and self._next_task.round != task.round:
+        elif self._next_task is None or supersedes(task, self._next_task):
+            if self._next_task is not None and round_key(self._next_task) != round_key(task):
                 self._ignore(f"round {self._next_task.round}: superseded by round {task.round}")
             self._next_task = task
         else:
@@ -279,9 +279,9 @@ class SimulatedDevice:
         if not await self._model_for(task):
             self.stats.rounds_failed += 1
             return
-        if task.round in self._started_rounds:
+        if round_key(task) in self._started_rounds:
             return
-        self._started_rounds.add(task.round)
+        self._started_rounds.add(round_key(task))
         self._training_round = task.round
         initial_weights = None
         if task.weights_hash is not None:

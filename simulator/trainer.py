@@ -24,7 +24,7 @@ from device_runtime.data import LocalData
 from device_runtime.model import TrainableModel
 from device_runtime.model_cache import DEFAULT_MAX_MODELS
 from device_runtime.protocol import Task, decode_weights, payload_hash
-from device_runtime.rounds import checked_model, round_update
+from device_runtime.rounds import checked_model, proximal_strength, round_update
 from device_runtime.training import LocalResult, train_locally
 
 _WEIGHTS_KEPT = 2
@@ -106,7 +106,8 @@ class TrainerPool:
         result = train_locally(loaded.model, data, epochs=task.epochs, shuffle_seed=shuffle_seed,
                                max_steps=task.max_steps, max_seconds=max_seconds,
                                learning_rate=loaded.learning_rate if task.learning_rate is None else task.learning_rate,
-                               initial_weights=loaded.initial_weights if initial_weights is None else initial_weights)
+                               initial_weights=loaded.initial_weights if initial_weights is None else initial_weights,
+                               proximal_mu=proximal_strength(task.proximal_mu, loaded.model.manifest))
         _, payload = round_update(fleet, device_id, task, result)
         return result, payload
 

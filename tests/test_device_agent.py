@@ -97,7 +97,7 @@ class Server:
 
     def publish_task(self, model_hash: str, round_id: int, **fields: Any) -> Task:
         """Retain a task for `round_id` (defaults: every device, 1 epoch, float32, deadline in 60 s)."""
-        values = dict(round=round_id, model_hash=model_hash, learning_rate=0.05, epochs=1, max_steps=None,
+        values = dict(round=round_id, run_id="job-1", model_hash=model_hash, learning_rate=0.05, epochs=1, max_steps=None,
                       max_seconds=None, deadline=time.time() + 60, selected=None, fraction=None,
                       encoding="float32", topk=None, seed=1000 + round_id)
         values.update(fields)
@@ -203,6 +203,39 @@ def test_update_matches_local_training(encoding, server, make_agent, model_bytes
     wait_until(lambda: server.has_status("dev-a", "training"), "status 'training'")
     wait_until(lambda: agent.stats["updates_published"] == 1, "the PUBACK of the update")
     assert agent.rounds_trained == [3]
+
+
+def test_a_second_job_on_a_running_agent_trains_from_its_first_round(server, make_agent, model_bytes, model_hash):
+    """Devices remember (run id, round): the rounds of a new job (a new `fedge serve`) are not refused."""
+    server.publish_model(model_bytes)
+    agent = make_agent("dev-j")
+    manifest = read_manifest(model_bytes)
+    rounds = []
+    for run_id in ("job-1", "job-1", "job-2"):  # the first job's round 0 again is ignored
+        server.publish_task(model_hash, 0, run_id=run_id)
+        if run_id == "job-1" and rounds:
+            wait_until(lambda: agent.stats["tasks_ignored"] == 1, "the repeated round to be ignored")
+            continue
+        device, payload = server.next_update()
+        rounds.append(decode_update(payload, manifest).round)
+    assert rounds == [0, 0] and agent.stats["rounds_trained"] == 2
+    assert server.updates.empty()
+
+
+def test_a_fedprox_task_trains_with_its_mu(server, make_agent, tmp_path_factory, local_data):
+    """A task's proximal_mu reaches the training: the update is train_locally's with that mu, not with mu = 0."""
+    proximal = artifact_path("scalar", tmp_path_factory.mktemp("proximal")).read_bytes()
+    manifest = read_manifest(proximal)
+    server.publish_model(proximal)
+    make_agent("dev-p")
+    task = server.publish_task(manifest["content_hash"], 1, proximal_mu=5.0, epochs=3)
+    device, payload = server.next_update()
+    got = decode_update(payload, manifest).tensors
+    for mu, same in ((5.0, True), (0.0, False)):
+        expected = train_locally(TrainableModel(proximal, num_threads=1), local_data, epochs=3, learning_rate=0.05,
+                                 shuffle_seed=device_shuffle_seed(task.seed, "dev-p"), proximal_mu=mu).delta
+        close = all(np.allclose(g, e, rtol=1e-5, atol=1e-7) for g, e in zip(got, expected, strict=True))
+        assert close == same, f"mu={mu}"
 
 
 def test_not_selected_device_does_not_publish(server, make_agent, model_bytes, model_hash):

@@ -172,7 +172,7 @@ def test_generated_reader_agrees_with_the_codec() -> None:
     update = _update()
     root = fb.Update.GetRootAs(encode_update(update, "int8"))
     assert (root.ProtocolVersion(), root.Fleet(), root.Round(), root.DeviceId(), root.UpdateId()) == (
-        1, b"fleet-a", 7, b"dev-1", b"u-0001")
+        PROTOCOL_VERSION, b"fleet-a", 7, b"dev-1", b"u-0001")
     assert root.ModelHash() == HASH.encode() and root.NumExamples() == 42
     assert {root.Metrics(i).Name().decode(): root.Metrics(i).Value() for i in range(root.MetricsLength())} == (
         update.metrics)
@@ -302,7 +302,7 @@ def test_forged_valid_payload_decodes() -> None:
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"identifier": b"TFL3"}, r"file identifier is b'TFL3', expected b'FEUP'"),
-    ({"version": 2}, "protocol version 2, this decoder speaks 1"),
+    ({"version": 1}, "protocol version 1, this decoder speaks 2"),  # a v1 device's update
     ({"version": 0}, "protocol version 0"),
     ({"model_hash": "sha256:" + "cd" * 32}, "model_hash is 'sha256:cdcd.*expected 'sha256:abab"),
     ({"model_hash": "md5:00"}, "not 'sha256:'"),
@@ -425,7 +425,7 @@ def test_arbitrary_bytes_only_raise_protocol_error(payload: bytes) -> None:
 
 def _task(**changes) -> Task:
     """A valid task with `changes` applied."""
-    fields = dict(round=3, model_hash=HASH, learning_rate=0.05, epochs=2, max_steps=None, max_seconds=30.0,
+    fields = dict(round=3, run_id="0123456789abcdef", model_hash=HASH, learning_rate=0.05, epochs=2, max_steps=None, max_seconds=30.0,
                   deadline=1_900_000_000.5, selected=None, fraction=0.5, encoding="int8", topk=0.1, seed=11)
     fields.update(changes)
     return Task(**fields)
@@ -433,7 +433,7 @@ def _task(**changes) -> Task:
 
 def test_task_round_trip() -> None:
     for task in (_task(), _task(selected=["a", "b"], fraction=None, learning_rate=None, topk=None,
-                                max_seconds=None, max_steps=100)):
+                                max_seconds=None, max_steps=100), _task(proximal_mu=0.0), _task(proximal_mu=0.25)):
         payload = encode_task(task)
         assert json.loads(payload)["protocol_version"] == PROTOCOL_VERSION
         assert decode_task(payload) == task
@@ -456,7 +456,7 @@ def _task_json(**changes) -> bytes:
     (b"[1, 2]", "must be a JSON object"),
     (b"{}", "protocol_version is None"),
     (b" " * (1 << 20) + b"{}", "more than the 1048576 allowed"),
-    (_task_json(protocol_version=2), "protocol_version is 2"),
+    (_task_json(protocol_version=1), "protocol_version is 1, this decoder speaks 2"),  # a v1 server's task
     (_task_json(epochs=None), r"missing \['epochs'\]"),
     (_task_json(priority=1), r"unknown \['priority'\]"),
     (_task_json(epochs="1"), "epochs must be an integer"),
@@ -474,7 +474,7 @@ def _task_json(**changes) -> bytes:
     (_task_json(selected="dev-1"), "selected must be a list"),
     (_task_json(selected=["ok", "a/b"]), "selected device id 'a/b'"),
     (_task_json(max_seconds=-5), "max_seconds is -5"),
-    (b'{"protocol_version": 1, "deadline": NaN}', "NaN is not allowed"),
+    (b'{"protocol_version": 2, "deadline": NaN}', "NaN is not allowed"),
     (b"[" * 100_000 + b"]" * 100_000, "not valid UTF-8 JSON"),
 ])
 def test_decode_task_refuses_malformed(payload: bytes, message: str) -> None:
@@ -483,8 +483,9 @@ def test_decode_task_refuses_malformed(payload: bytes, message: str) -> None:
 
 
 def test_encode_task_refuses_invalid_tasks() -> None:
-    for bad in (_task(epochs=0), _task(fraction=2.0), _task(deadline=float("inf")), _task(protocol_version=2),
-                _task(selected=["x+y"])):
+    for bad in (_task(epochs=0), _task(fraction=2.0), _task(deadline=float("inf")), _task(protocol_version=1),
+                _task(selected=["x+y"]), _task(run_id=""), _task(run_id="job/1"), _task(proximal_mu=-0.1),
+                _task(proximal_mu=float("nan"))):
         with pytest.raises(ProtocolError):
             encode_task(bad)
 
@@ -514,18 +515,18 @@ def test_is_selected_draw_is_the_documented_sha256_number() -> None:
 
 
 def test_status_round_trip() -> None:
-    assert decode_status(encode_status("online")) == {"protocol_version": 1, "state": "online", "round": None}
+    assert decode_status(encode_status("online")) == {"protocol_version": 2, "state": "online", "round": None}
     status = decode_status(encode_status("training", 4, model_hash=HASH, backend="ai-edge-litert"))
-    assert status == {"protocol_version": 1, "state": "training", "round": 4, "model_hash": HASH,
+    assert status == {"protocol_version": 2, "state": "training", "round": 4, "model_hash": HASH,
                       "backend": "ai-edge-litert"}
 
 
 @pytest.mark.parametrize(("payload", "message"), [
-    (b'{"protocol_version": 1, "state": "sleeping"}', "state 'sleeping' is not one of"),
-    (b'{"protocol_version": 1, "state": "online", "round": -2}', "status round is -2"),
+    (b'{"protocol_version": 2, "state": "sleeping"}', "state 'sleeping' is not one of"),
+    (b'{"protocol_version": 2, "state": "online", "round": -2}', "status round is -2"),
     (b'{"state": "online"}', "protocol_version is None"),
     (b"offline", "not valid UTF-8 JSON"),
-    (b'{"protocol_version": 1, "state": "online", "pad": "' + b"x" * 70000 + b'"}', "more than the 65536"),
+    (b'{"protocol_version": 2, "state": "online", "pad": "' + b"x" * 70000 + b'"}', "more than the 65536"),
 ])
 def test_decode_status_refuses_malformed(payload: bytes, message: str) -> None:
     with pytest.raises(ProtocolError, match=message):
@@ -534,7 +535,7 @@ def test_decode_status_refuses_malformed(payload: bytes, message: str) -> None:
 
 def test_encode_status_refuses_bad_input() -> None:
     for call in (lambda: encode_status("busy"), lambda: encode_status("online", -1),
-                 lambda: encode_status("online", protocol_version=2), lambda: encode_status("online", x=object()),
+                 lambda: encode_status("online", protocol_version=1), lambda: encode_status("online", x=object()),
                  lambda: encode_status("online", x=float("nan"))):
         with pytest.raises(ProtocolError):
             call()

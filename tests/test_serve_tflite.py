@@ -86,3 +86,47 @@ def test_fedge_serve_exits_1_when_every_round_of_the_run_failed(mosquitto_broker
         agent.stop(timeout=TIMEOUT_S)
     assert result.returncode == 1, (result.stdout + result.stderr)[-3000:]
     assert "fedge serve: error: every round of this run failed (2 of 2)" in result.stderr
+
+
+def test_a_second_job_on_a_running_fleet_trains_from_its_first_round(mosquitto_broker, fleet, tmp_path: Path) -> None:
+    """Two `fedge serve` jobs one after the other (their own checkpoint folders, so their own run ids)
+    on the same long-running agents: both jobs' rounds 0 and 1 are trained."""
+    model = artifact_path("mlp", tmp_path / "artifacts")
+    host, port = mosquitto_broker
+    broker = f"mqtt://{host}:{port}"
+    agents = [DeviceAgent(broker, fleet, f"dev-{i}", _examples(12, seed=20 + i), cache_dir=tmp_path / f"cache-{i}",
+                          num_threads=1) for i in range(2)]
+    for agent in agents:
+        agent.start()
+    try:
+        for agent in agents:
+            wait_until(lambda: agent.ready, f"agent {agent.device_id} to connect")
+        logs = []
+        for job in ("first", "second"):
+            logs.append(tmp_path / f"{job}.jsonl")
+            command = [sys.executable, "-m", "fedge.cli", "serve", str(model), "--broker", broker, "--fleet", fleet,
+                       "--rounds", "2", "--clients-per-round", "2", "--over-selection", "1", "--deadline", "60",
+                       "--checkin-timeout", "60", "--checkpoint-dir", str(tmp_path / job),
+                       "--metrics-log", str(logs[-1])]
+            result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
+            assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    finally:
+        for agent in agents:
+            agent.stop(timeout=TIMEOUT_S)
+    for log in logs:
+        rounds = [json.loads(line) for line in log.read_text().splitlines()]
+        assert [(r["round"], r["outcome"], r["accepted"]) for r in rounds] == [(0, "completed", 2), (1, "completed", 2)]
+    run_ids = {(tmp_path / job / "run_id").read_text().strip() for job in ("first", "second")}
+    assert len(run_ids) == 2
+    assert all(agent.stats["rounds_trained"] == 4 for agent in agents)
+
+
+def test_a_resumed_job_keeps_its_run_id_and_a_bad_one_is_named(tmp_path: Path) -> None:
+    from fedge.server.checkpoint import Checkpoints
+
+    checkpoints = Checkpoints(tmp_path / "job")
+    assert checkpoints.run_id("5f0c2a9e41d7b3c8") == "5f0c2a9e41d7b3c8"
+    assert Checkpoints(tmp_path / "job").run_id("another") == "5f0c2a9e41d7b3c8"  # the restarted server's
+    (tmp_path / "job" / "run_id").write_text("a/b\n")
+    with pytest.raises(ValueError, match=r"run_id: run id 'a/b' has .* remove the file"):
+        checkpoints.run_id("x")

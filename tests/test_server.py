@@ -57,10 +57,12 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
     return Artifact.from_file(artifact_path("mlp", tmp_path_factory.mktemp("artifacts")))
 
 
-def make_process(artifact: Artifact, executor: Any, epochs: int = 1, seed: int | None = 0) -> LearningProcess:
-    """FedAvg on the artifact with `executor`."""
-    return LearningProcess(artifact, artifact.manifest["metrics"]["finalizers"], ClientWork(epochs, seed=seed),
-                           fl.ClientWeighting.NUM_EXAMPLES, optimizers.SGD(1.0), executor)
+def make_process(artifact: Artifact, executor: Any, epochs: int = 1, seed: int | None = 0,
+                 proximal_mu: float | None = None, server_optimizer: Any = None) -> LearningProcess:
+    """FedAvg (FedProx with `proximal_mu`) on the artifact with `executor`; server SGD(1.0) unless given."""
+    return LearningProcess(artifact, artifact.manifest["metrics"]["finalizers"],
+                           ClientWork(epochs, proximal_mu=proximal_mu, seed=seed), fl.ClientWeighting.NUM_EXAMPLES,
+                           server_optimizer or optimizers.SGD(1.0), executor)
 
 
 @pytest.fixture
@@ -168,13 +170,22 @@ def assert_same_weights(a: fl.ModelWeights, b: fl.ModelWeights) -> None:
 # --------------------------------------------------------------------------------------------- tests
 
 
-def test_in_process_and_mqtt_executors_end_with_the_same_weights(artifact, start_agents, make_executor):
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedprox_adam"])
+def test_in_process_and_mqtt_executors_end_with_the_same_weights(algorithm, artifact, start_agents, make_executor,
+                                                                 tmp_path):
+    """FedAvg, and FedProx (mu in the task) with a server Adam: devices over MQTT give the in-process weights."""
+    options: dict[str, Any] = {}
+    if algorithm == "fedprox_adam":
+        artifact = Artifact.from_file(artifact_path("scalar", tmp_path / "artifacts"))  # converted with proximal=True
+        options = {"proximal_mu": 0.5}
     data = {f"dev-{i}": toy_data(size, seed=i) for i, size in enumerate((9, 14, 6, 11))}
     start_agents(data)
     executor = make_executor(min_reports=4, deadline_s=30)
-    over_mqtt = make_process(artifact, executor, epochs=2, seed=5)
+    over_mqtt = make_process(artifact, executor, epochs=2, seed=5, **options,
+                             server_optimizer=optimizers.Adam(0.05) if options else None)
     with InProcessExecutor(num_workers=0) as inline:
-        in_process = make_process(artifact, inline, epochs=2, seed=5)
+        in_process = make_process(artifact, inline, epochs=2, seed=5, **options,
+                                  server_optimizer=optimizers.Adam(0.05) if options else None)
         clients = [ClientDataset(x, y, client_id=device) for device, (x, y) in data.items()]
         mqtt_state, local_state = over_mqtt.initialize(), in_process.initialize()
         for _ in range(3):

@@ -35,7 +35,7 @@ TOPIC = task_topic(FLEET)
 
 def make_task(model_hash: str = "sha256:" + "ab" * 32, round_id: int = 3, **fields) -> Task:
     """A valid task (every device, deadline in 60 s) unless `fields` change it."""
-    values = dict(round=round_id, model_hash=model_hash, learning_rate=0.05, epochs=1, max_steps=None, max_seconds=None,
+    values = dict(round=round_id, run_id="job-1", model_hash=model_hash, learning_rate=0.05, epochs=1, max_steps=None, max_seconds=None,
                   deadline=time.time() + 60, selected=None, fraction=None, encoding="float32", topk=None,
                   seed=1000 + round_id)
     values.update(fields)

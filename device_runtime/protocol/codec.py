@@ -62,6 +62,7 @@ class Task:
     """The retained round task: which model to train, how, until when, and who trains."""
 
     round: int
+    run_id: str  # the server's job: a device trains each (run_id, round) once, so a new job starts afresh
     model_hash: str
     learning_rate: float | None
     epochs: int
@@ -74,6 +75,7 @@ class Task:
     topk: float | None
     seed: int
     weights_hash: str | None = None  # sha256 of the round's global weights (weights topic); None: the artifact's own
+    proximal_mu: float | None = None  # FedProx's mu (artifacts converted with proximal=True); None: no proximal term
     protocol_version: int = PROTOCOL_VERSION
 
 
@@ -409,6 +411,7 @@ def _checked_task(fields: dict) -> Task:
         raise ProtocolError(f"selected must be a list of device ids or null, got {selected!r:.80}")
     return Task(
         round=_uint(fields["round"], "round"),
+        run_id=check_id(fields["run_id"], "run_id"),
         model_hash=_model_hash(fields["model_hash"]),
         learning_rate=_optional(fields["learning_rate"], _real, "learning_rate", 0.0),
         epochs=_uint(fields["epochs"], "epochs", 31, 1),
@@ -421,6 +424,7 @@ def _checked_task(fields: dict) -> Task:
         topk=_optional(fields["topk"], _real, "topk", 0.0, 1.0),
         seed=_uint(fields["seed"], "seed"),
         weights_hash=_optional(fields["weights_hash"], _model_hash, "weights_hash"),
+        proximal_mu=_optional(fields["proximal_mu"], _real, "proximal_mu", 0.0, math.inf, False),
         protocol_version=PROTOCOL_VERSION,
     )
 

@@ -1,6 +1,6 @@
 """The protocol version and the one error every protocol check raises."""
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class ProtocolError(ValueError):

@@ -8,11 +8,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from device_runtime.protocol import ProtocolError
+from device_runtime.protocol.topics import check_id
 from fedge.learning.state import LearningProcessState, load_state, save_state
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.npz"
+RUN_ID_FILE = "run_id"
 
 
 class Checkpoints:
@@ -36,6 +39,16 @@ class Checkpoints:
                              f"use another --checkpoint-dir or remove the file") from None
         logger.info("resuming from %s at round %d", self.path, state.round_num)
         return state
+
+    def run_id(self, new: str) -> str:
+        """The job's run id kept beside the checkpoint; `new` is written and returned when there is none yet."""
+        path = self.directory / RUN_ID_FILE
+        if not path.exists():
+            path.write_text(new + "\n")
+        try:
+            return check_id(path.read_text().strip(), "run id")
+        except ProtocolError as error:
+            raise ValueError(f"{path}: {error}; remove the file to start a new job") from None
 
     def save(self, state: LearningProcessState) -> Path:
         """Replace the checkpoint with `state` atomically."""

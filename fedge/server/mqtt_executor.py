@@ -92,6 +92,9 @@ class MqttExecutor(Executor):
         self.encoding, self.topk, self.max_seconds = encoding, topk, max_seconds
         self.publish_timeout_s, self.connect_timeout_s = publish_timeout_s, connect_timeout_s
         self._signing_key = signing_key
+        # Names this job in its tasks (devices train each (run_id, round) once); FederatedServer keeps it
+        # in the checkpoint folder, so a resumed job is the same job.
+        self.run_id = secrets.token_hex(8)
         self.registry = DeviceRegistry()
         self._gate = ReportGate(self.fleet, self.registry.known)
         self._inbox: queue.Queue[Message] = queue.Queue()
@@ -202,21 +205,21 @@ class MqttExecutor(Executor):
     def train(self, artifact: bytes, weights: Sequence[np.ndarray], clients: Sequence[str],
               config: TrainConfig) -> Generator[ClientUpdate, None, dict[str, Any]]:
         """Configure the round on the broker, then yield accepted updates as they arrive; returns the round report."""
-        if config.proximal_mu is not None:
-            raise ValueError("FedProx's proximal_mu is not part of protocol version 1's task; "
-                             "use a FedAvg process over MQTT")
-        self.start()
         manifest = read_manifest(artifact)
+        if config.proximal_mu is not None and not manifest.get("proximal"):
+            raise ValueError("FedProx's proximal_mu needs an artifact converted with proximal=True")
+        self.start()
         started = time.time()
         weights_payload = encode_weights(self.fleet, config.round_num, manifest["content_hash"], list(weights),
                                          manifest["metrics"]["variables"])
         seed = round_seed(config.seed, config.round_num)
         goal = len(clients) if self.clients_per_round is None else min(self.clients_per_round, len(clients))
-        task = Task(round=config.round_num, model_hash=manifest["content_hash"], learning_rate=config.learning_rate,
+        task = Task(round=config.round_num, run_id=self.run_id, model_hash=manifest["content_hash"],
+                    learning_rate=config.learning_rate,
                     epochs=config.epochs, max_steps=config.max_steps, max_seconds=self.max_seconds,
                     deadline=started + self.deadline_s, selected=sorted(clients), fraction=None,
                     encoding=self.encoding, topk=self.topk, seed=secrets.randbits(63) if seed is None else seed,
-                    weights_hash=payload_hash(weights_payload))
+                    weights_hash=payload_hash(weights_payload), proximal_mu=config.proximal_mu)
         task_payload = encode_task(task)
         if self._signing_key is not None:
             task_payload = sign_task(self._signing_key, task_topic(self.fleet), task_payload)
@@ -242,8 +245,8 @@ class MqttExecutor(Executor):
 
     def evaluate(self, artifact: bytes, weights: Sequence[np.ndarray],
                  clients: Sequence[str]) -> Iterator[dict[str, float]]:
-        """Not available: protocol version 1 has no evaluation task (evaluate in-process on held-out data)."""
-        raise NotImplementedError("protocol version 1 has no evaluation task; evaluate held-out data in-process "
+        """Not available: protocol version 2 has no evaluation task (evaluate in-process on held-out data)."""
+        raise NotImplementedError("protocol version 2 has no evaluation task; evaluate held-out data in-process "
                                   "(fedge.learning.FederatedEvaluation with an InProcessExecutor)")
 
     # -- one round --------------------------------------------------------------------------------

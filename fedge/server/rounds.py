@@ -57,6 +57,7 @@ class FederatedServer:
         self._evaluation, self._eval_data = evaluation, eval_data
         self.checkpoints = Checkpoints(settings.checkpoint_dir)
         executor.use_journal(self.checkpoints.directory / JOURNAL_FILE)  # a killed server loses no acked update
+        executor.run_id = self.checkpoints.run_id(executor.run_id)  # a resumed job keeps its run id
         self._log = None if settings.metrics_log is None else MetricsLog(settings.metrics_log)
         self._stopping = threading.Event()
         self.rounds_run = self.rounds_failed = 0  # in this run, not counting rounds resumed from
