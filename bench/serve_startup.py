@@ -11,7 +11,8 @@ over a private Mosquitto with two device agents already connected (threads of th
 
     python bench/serve_startup.py [--before REV] [--repeats 3] [--model mnist_cnn|mlp]
 
---before checks REV out into a temporary git worktree and runs its server with PYTHONPATH at it.
+--before checks REV out into a temporary git worktree and runs its server with PYTHONPATH at it;
+the agents are this tree's, so REV must speak this tree's protocol version (it is checked).
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from contextlib import contextmanager, nullcontext
@@ -31,11 +34,13 @@ from typing import Callable, Iterator
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 300.0
 sys.path.insert(0, str(ROOT / "tests"))
 
 import numpy as np  # noqa: E402
 
 from device_runtime.agent import DeviceAgent  # noqa: E402
+from device_runtime.protocol import PROTOCOL_VERSION  # noqa: E402
 from fedge.broker import EmbeddedBroker  # noqa: E402
 
 # The server's own peak RSS is read at its exit: wait4's ru_maxrss would count the pages of this
@@ -65,11 +70,16 @@ def convert_model(name: str, directory: Path) -> tuple[Path, tuple[int, ...]]:
 
 @contextmanager
 def worktree(revision: str) -> Iterator[Path]:
-    """A temporary git worktree of `revision`, removed afterwards."""
+    """A temporary git worktree of `revision` (which must speak this tree's protocol), removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="fedge-before-") as folder:
         path = Path(folder) / "tree"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(path), revision], check=True)
         try:
+            errors = (path / "device_runtime" / "protocol" / "errors.py").read_text()
+            version = int(re.search(r"^PROTOCOL_VERSION = (\d+)", errors, re.M).group(1))
+            if version != PROTOCOL_VERSION:
+                raise SystemExit(f"{revision} speaks protocol version {version}, this tree's agents "
+                                 f"{PROTOCOL_VERSION}: compare revisions of the same version")
             yield path
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], check=True)
@@ -85,6 +95,8 @@ def serve_once(tree: Path, model: Path, broker: str, fleet: str, workdir: Path) 
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                cwd=tree)  # `python -c` puts the working directory first on sys.path
+    watchdog = threading.Timer(TIMEOUT_S, process.kill)  # a server that never finishes fails the bench
+    watchdog.start()
     ready, lines = None, []
     for line in process.stdout:
         lines.append(line)
@@ -92,6 +104,7 @@ def serve_once(tree: Path, model: Path, broker: str, fleet: str, workdir: Path) 
             ready = time.perf_counter() - started
     status = process.wait()
     whole = time.perf_counter() - started
+    watchdog.cancel()
     if status != 0 or ready is None:
         raise SystemExit(f"fedge serve from {tree} failed:\n{''.join(lines)[-3000:]}")
     reported = dict(line.split(": ", 1) for line in lines if line.startswith(("imported: ", "peak_kib: ")))

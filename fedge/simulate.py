@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         aggregator = model_aggregator(args)
         # A simulation starts over (`fedge serve` is the one that resumes), in a folder it may replace.
         out = claim_report_folder(Path(args.out))
-    except (ScenarioError, UsageError, ValueError, ReportFolderError) as error:
+    except (ScenarioError, UsageError, ValueError, ReportFolderError, OSError) as error:
         print(f"fedge simulate: error: {error}", file=sys.stderr)
         return 2
     # Devices dropping out and coming back log what happened to them: into the report folder, not over the progress.

@@ -31,6 +31,7 @@ from device_runtime.model import TrainableModel
 from device_runtime.model_cache import ModelCache
 from device_runtime.protocol import Task, decode_status, decode_update, encode_task, encode_weights, payload_hash
 from device_runtime.protocol.topics import model_topic, task_topic, update_wildcard, weights_topic
+from device_runtime.rounds import supersedes
 from device_runtime.training import train_locally
 
 pytestmark = pytest.mark.device
@@ -220,6 +221,18 @@ def test_a_second_job_on_a_running_agent_trains_from_its_first_round(server, mak
         rounds.append(decode_update(payload, manifest).round)
     assert rounds == [0, 0] and agent.stats["rounds_trained"] == 2
     assert server.updates.empty()
+
+
+def test_a_later_task_supersedes_a_queued_one_of_another_job_or_a_later_round():
+    """The rule both task queues (the agent's and the simulator's) follow: device_runtime.rounds.supersedes."""
+    def task(run_id: str, round_id: int) -> Task:
+        return Task(round=round_id, run_id=run_id, model_hash="sha256:" + "ab" * 32, learning_rate=None, epochs=1,
+                    max_steps=None, max_seconds=None, deadline=time.time() + 60, selected=None, fraction=None,
+                    encoding="float32", topk=None, seed=1)
+
+    assert supersedes(task("job-1", 4), task("job-1", 3)) and supersedes(task("job-1", 3), task("job-1", 3))
+    assert not supersedes(task("job-1", 2), task("job-1", 3))
+    assert supersedes(task("job-2", 0), task("job-1", 7))  # a new job, whatever its round numbers
 
 
 def test_a_fedprox_task_trains_with_its_mu(server, make_agent, tmp_path_factory, local_data):

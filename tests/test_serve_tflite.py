@@ -120,13 +120,3 @@ def test_a_second_job_on_a_running_fleet_trains_from_its_first_round(mosquitto_b
     assert len(run_ids) == 2
     assert all(agent.stats["rounds_trained"] == 4 for agent in agents)
 
-
-def test_a_resumed_job_keeps_its_run_id_and_a_bad_one_is_named(tmp_path: Path) -> None:
-    from fedge.server.checkpoint import Checkpoints
-
-    checkpoints = Checkpoints(tmp_path / "job")
-    assert checkpoints.run_id("5f0c2a9e41d7b3c8") == "5f0c2a9e41d7b3c8"
-    assert Checkpoints(tmp_path / "job").run_id("another") == "5f0c2a9e41d7b3c8"  # the restarted server's
-    (tmp_path / "job" / "run_id").write_text("a/b\n")
-    with pytest.raises(ValueError, match=r"run_id: run id 'a/b' has .* remove the file"):
-        checkpoints.run_id("x")

@@ -332,6 +332,20 @@ def test_a_restarted_server_resumes_from_its_checkpoint(artifact, broker_url, fl
     assert_same_weights(resumed.global_model_weights, state.global_model_weights)
 
 
+def test_the_run_id_is_kept_while_a_checkpoint_is_and_renewed_with_a_new_job(tmp_path):
+    """A resumed job (its checkpoint there) keeps its run id; a folder without a checkpoint starts a new job."""
+    from fedge.server.checkpoint import Checkpoints
+
+    checkpoints = Checkpoints(tmp_path / "job")
+    assert checkpoints.run_id("first") == "first"
+    assert Checkpoints(tmp_path / "job").run_id("second") == "second"  # no state.npz yet: a new job
+    checkpoints.path.write_bytes(b"a checkpoint")  # only its existence matters here
+    assert Checkpoints(tmp_path / "job").run_id("third") == "second"  # the restarted server's job
+    (tmp_path / "job" / "run_id").write_text("a/b\n")
+    with pytest.raises(ValueError, match=r"run_id: run id 'a/b' has .* remove it and state.npz"):
+        checkpoints.run_id("fourth")
+
+
 def test_streaming_aggregation_keeps_no_update_per_client():
     """200 updates of a 1M-parameter model through the report checks and the aggregator: memory O(model)."""
     shapes = [[1000, 1000], [1000]]

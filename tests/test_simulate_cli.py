@@ -59,9 +59,11 @@ def test_fedge_simulate_refuses_before_touching_the_folder(tmp_path: Path, capsy
 
 
 @pytest.mark.parametrize("option, value", [("--rounds", "0"), ("--rounds", "-3"), ("--clients-per-round", "x"),
-                                           ("--deadline", "0")])
-def test_fedge_simulate_refuses_numbers_that_cannot_work(option: str, value: str,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+                                           ("--deadline", "0"), ("--deadline", "inf")])
+def test_fedge_simulate_refuses_numbers_that_cannot_work(option: str, value: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # were it not refused, its report would land here
     with pytest.raises(SystemExit) as exit_info:
         main(["simulate", option, value])
     assert exit_info.value.code == 2

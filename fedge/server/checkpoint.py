@@ -8,8 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from device_runtime.protocol import ProtocolError
-from device_runtime.protocol.topics import check_id
+from device_runtime.protocol import ProtocolError, check_id
 from fedge.learning.state import LearningProcessState, load_state, save_state
 
 logger = logging.getLogger(__name__)
@@ -36,19 +35,27 @@ class Checkpoints:
             state.global_model_weights.for_manifest(manifest)
         except ValueError as error:
             raise ValueError(f"{self.path} does not hold this model's weights ({error}); "
-                             f"use another --checkpoint-dir or remove the file") from None
+                             f"use another --checkpoint-dir, or remove {CHECKPOINT_FILE} and {RUN_ID_FILE} "
+                             f"there to start a new job") from None
         logger.info("resuming from %s at round %d", self.path, state.round_num)
         return state
 
     def run_id(self, new: str) -> str:
-        """The job's run id kept beside the checkpoint; `new` is written and returned when there is none yet."""
+        """The job's run id: the stored one when there is a checkpoint to resume (the same job), else `new`,
+        stored (a new job, even in a folder an earlier job used: devices then train its rounds afresh)."""
         path = self.directory / RUN_ID_FILE
-        if not path.exists():
-            path.write_text(new + "\n")
-        try:
-            return check_id(path.read_text().strip(), "run id")
-        except ProtocolError as error:
-            raise ValueError(f"{path}: {error}; remove the file to start a new job") from None
+        if self.path.exists() and path.exists():
+            try:
+                return check_id(path.read_text().strip(), "run id")
+            except ProtocolError as error:
+                raise ValueError(f"{path}: {error}; remove it and {CHECKPOINT_FILE} to start a new job") from None
+        temporary = path.with_name(f".{RUN_ID_FILE}.tmp")
+        with open(temporary, "w") as file:  # written whole or not at all, like the checkpoint
+            file.write(check_id(new, "run id") + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+        return new
 
     def save(self, state: LearningProcessState) -> Path:
         """Replace the checkpoint with `state` atomically."""

@@ -69,10 +69,13 @@ class MqttExecutor(Executor):
                  topk: float | None = None, max_seconds: float | None = None, username: str | None = None,
                  password: str | None = None, tls_ca: str | None = None, tls_cert: str | None = None,
                  tls_key: str | None = None, connect_timeout_s: float = 30.0,
-                 publish_timeout_s: float = 30.0, signing_key: Ed25519PrivateKey | None = None) -> None:
+                 publish_timeout_s: float = 30.0, signing_key: Ed25519PrivateKey | None = None,
+                 run_id: str | None = None) -> None:
         """Check the settings; nothing touches the network before start() (or the first round).
 
-        With `signing_key` every task is signed (device_runtime.signing); it binds the model and weights by hash."""
+        With `signing_key` every task is signed (device_runtime.signing); it binds the model and weights by hash.
+        `run_id` names the job in its tasks (default: a fresh random id); devices train each (run_id, round)
+        once. FederatedServer replaces it with the id kept in its checkpoint folder when it resumes a job."""
         self.fleet = check_id(fleet, "fleet")
         if clients_per_round is not None:
             _check_int("clients_per_round", clients_per_round, 1)
@@ -92,9 +95,7 @@ class MqttExecutor(Executor):
         self.encoding, self.topk, self.max_seconds = encoding, topk, max_seconds
         self.publish_timeout_s, self.connect_timeout_s = publish_timeout_s, connect_timeout_s
         self._signing_key = signing_key
-        # Names this job in its tasks (devices train each (run_id, round) once); FederatedServer keeps it
-        # in the checkpoint folder, so a resumed job is the same job.
-        self.run_id = secrets.token_hex(8)
+        self.run_id = secrets.token_hex(8) if run_id is None else check_id(run_id, "run_id")
         self.registry = DeviceRegistry()
         self._gate = ReportGate(self.fleet, self.registry.known)
         self._inbox: queue.Queue[Message] = queue.Queue()
