@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -34,19 +36,30 @@ def _examples(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return (np.eye(3, 8, dtype=np.float32)[y] * 2.5 + rng.normal(scale=0.8, size=(size, 8))).astype(np.float32), y
 
 
+@contextmanager
+def running_agents(broker: str, fleet: str, data: list[tuple[np.ndarray, np.ndarray]],
+                   tmp_path: Path) -> Iterator[list[DeviceAgent]]:
+    """In-thread agents dev-0, dev-1, ... with `data`, connected and subscribed; stopped afterwards."""
+    agents = [DeviceAgent(broker, fleet, f"dev-{i}", arrays, cache_dir=tmp_path / f"cache-{i}", num_threads=1)
+              for i, arrays in enumerate(data)]
+    for agent in agents:
+        agent.start()
+    try:
+        for agent in agents:
+            wait_until(lambda: agent.ready, f"agent {agent.device_id} to connect")
+        yield agents
+    finally:
+        for agent in agents:
+            agent.stop(timeout=TIMEOUT_S)
+
+
 def test_serving_a_tflite_trains_rounds_without_tensorflow(mosquitto_broker, fleet, tmp_path: Path) -> None:
     model = artifact_path("mlp", tmp_path / "artifacts")
     x, y = _examples(40, seed=9)
     np.savez(tmp_path / "held_out.npz", x=x, y=y)
     host, port = mosquitto_broker
     broker = f"mqtt://{host}:{port}"
-    agents = [DeviceAgent(broker, fleet, f"dev-{i}", _examples(16, seed=i), cache_dir=tmp_path / f"cache-{i}",
-                          num_threads=1) for i in range(2)]
-    for agent in agents:
-        agent.start()
-    try:
-        for agent in agents:
-            wait_until(lambda: agent.ready, f"agent {agent.device_id} to connect")
+    with running_agents(broker, fleet, [_examples(16, seed=i) for i in range(2)], tmp_path):
         log = tmp_path / "metrics.jsonl"
         command = [sys.executable, "-c", _SERVE_AND_REPORT, "serve", str(model), "--broker", broker,
                    "--fleet", fleet, "--rounds", "2", "--clients-per-round", "2", "--over-selection", "1",
@@ -54,9 +67,6 @@ def test_serving_a_tflite_trains_rounds_without_tensorflow(mosquitto_broker, fle
                    "--server-optimizer", "adam", "--eval-data", str(tmp_path / "held_out.npz"),
                    "--checkpoint-dir", str(tmp_path / "checkpoints"), "--metrics-log", str(log)]
         result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
-    finally:
-        for agent in agents:
-            agent.stop(timeout=TIMEOUT_S)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "imported: []" in result.stdout, output[-3000:]
@@ -74,16 +84,11 @@ def test_fedge_serve_exits_1_when_every_round_of_the_run_failed(mosquitto_broker
     host, port = mosquitto_broker
     broker = f"mqtt://{host}:{port}"
     x, y = _examples(16, seed=1)
-    agent = DeviceAgent(broker, fleet, "dev-0", (x[:, :5], y), cache_dir=tmp_path / "cache", num_threads=1)
-    agent.start()
-    try:
-        wait_until(lambda: agent.ready, "the agent to connect")
+    with running_agents(broker, fleet, [(x[:, :5], y)], tmp_path):
         command = [sys.executable, "-m", "fedge.cli", "serve", str(model), "--broker", broker, "--fleet", fleet,
                    "--rounds", "2", "--clients-per-round", "1", "--over-selection", "1", "--deadline", "2",
                    "--checkin-timeout", "30", "--checkpoint-dir", str(tmp_path / "checkpoints")]
         result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
-    finally:
-        agent.stop(timeout=TIMEOUT_S)
     assert result.returncode == 1, (result.stdout + result.stderr)[-3000:]
     assert "fedge serve: error: every round of this run failed (2 of 2)" in result.stderr
 
@@ -94,13 +99,7 @@ def test_a_second_job_on_a_running_fleet_trains_from_its_first_round(mosquitto_b
     model = artifact_path("mlp", tmp_path / "artifacts")
     host, port = mosquitto_broker
     broker = f"mqtt://{host}:{port}"
-    agents = [DeviceAgent(broker, fleet, f"dev-{i}", _examples(12, seed=20 + i), cache_dir=tmp_path / f"cache-{i}",
-                          num_threads=1) for i in range(2)]
-    for agent in agents:
-        agent.start()
-    try:
-        for agent in agents:
-            wait_until(lambda: agent.ready, f"agent {agent.device_id} to connect")
+    with running_agents(broker, fleet, [_examples(12, seed=20 + i) for i in range(2)], tmp_path) as agents:
         logs = []
         for job in ("first", "second"):
             logs.append(tmp_path / f"{job}.jsonl")
@@ -110,9 +109,6 @@ def test_a_second_job_on_a_running_fleet_trains_from_its_first_round(mosquitto_b
                        "--metrics-log", str(logs[-1])]
             result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
             assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    finally:
-        for agent in agents:
-            agent.stop(timeout=TIMEOUT_S)
     for log in logs:
         rounds = [json.loads(line) for line in log.read_text().splitlines()]
         assert [(r["round"], r["outcome"], r["accepted"]) for r in rounds] == [(0, "completed", 2), (1, "completed", 2)]
