@@ -342,7 +342,7 @@ def test_the_run_id_is_kept_while_a_checkpoint_is_and_renewed_with_a_new_job(tmp
     checkpoints.path.write_bytes(b"a checkpoint")  # only its existence matters here
     assert Checkpoints(tmp_path / "job").run_id("third") == "second"  # the restarted server's job
     (tmp_path / "job" / "run_id").write_text("a/b\n")
-    with pytest.raises(ValueError, match=r"run_id: run id 'a/b' has .* remove it and state.npz"):
+    with pytest.raises(ValueError, match=r"run_id: run id 'a/b' has .* remove state.npz there"):
         checkpoints.run_id("fourth")
 
 

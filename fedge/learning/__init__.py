@@ -9,7 +9,6 @@ use; the rest is numpy, so a server of a converted `.tflite` never loads TensorF
 import importlib
 from typing import Any
 
-
 from fedge.learning import executors, finalizers, metrics, optimizers
 from fedge.learning.aggregation import Aggregator, ClientWeighting, MeanAggregator, NormClipping
 from fedge.learning.evaluation import FederatedEvaluation, build_federated_evaluation

@@ -35,8 +35,7 @@ class Checkpoints:
             state.global_model_weights.for_manifest(manifest)
         except ValueError as error:
             raise ValueError(f"{self.path} does not hold this model's weights ({error}); "
-                             f"use another --checkpoint-dir, or remove {CHECKPOINT_FILE} and {RUN_ID_FILE} "
-                             f"there to start a new job") from None
+                             f"use another --checkpoint-dir or remove the file to start a new job") from None
         logger.info("resuming from %s at round %d", self.path, state.round_num)
         return state
 
@@ -48,7 +47,7 @@ class Checkpoints:
             try:
                 return check_id(path.read_text().strip(), "run id")
             except ProtocolError as error:
-                raise ValueError(f"{path}: {error}; remove it and {CHECKPOINT_FILE} to start a new job") from None
+                raise ValueError(f"{path}: {error}; remove {CHECKPOINT_FILE} there to start a new job") from None
         temporary = path.with_name(f".{RUN_ID_FILE}.tmp")
         with open(temporary, "w") as file:  # written whole or not at all, like the checkpoint
             file.write(check_id(new, "run id") + "\n")
