@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 import threading
 from pathlib import Path
 
 from device_runtime.artifact import ArtifactError, verify_content_hash
+from device_runtime.atomic_file import replace_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -71,16 +71,7 @@ class ModelCache:
         model_hash = verify_content_hash(bytes(model_bytes))
         path = self.path(model_hash)
         with self._lock:
-            fd, temp_name = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(model_bytes)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(temp_name, path)
-            except BaseException:
-                Path(temp_name).unlink(missing_ok=True)
-                raise
+            replace_atomically(path, lambda file: file.write(model_bytes))
             self._evict()
         return model_hash
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from device_runtime.atomic_file import replace_atomically
 
 STATE_FORMAT = "fedge-process-state"
 STATE_FORMAT_VERSION = 1
@@ -89,16 +90,7 @@ def save_state(path: str | os.PathLike[str], state: LearningProcessState) -> Pat
             "trainable_mask": list(weights.trainable_mask),
             "optimizer_slots": {name: len(slots) for name, slots in state.server_optimizer_state.items()}}
     arrays[_META_KEY] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
-    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        os.unlink(temp_name)
-        raise
+    replace_atomically(path, lambda file: np.savez(file, **arrays))
     _fsync_directory(path.parent)
     return path
 

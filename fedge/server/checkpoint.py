@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from device_runtime.atomic_file import replace_atomically
 from device_runtime.protocol import ProtocolError, check_id
 from fedge.learning.state import LearningProcessState, load_state, save_state
 
@@ -48,12 +49,7 @@ class Checkpoints:
                 return check_id(path.read_text().strip(), "run id")
             except ProtocolError as error:
                 raise ValueError(f"{path}: {error}; remove {CHECKPOINT_FILE} there to start a new job") from None
-        temporary = path.with_name(f".{RUN_ID_FILE}.tmp")
-        with open(temporary, "w") as file:  # written whole or not at all, like the checkpoint
-            file.write(check_id(new, "run id") + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
+        replace_atomically(path, lambda file: file.write(check_id(new, "run id").encode() + b"\n"))
         return new
 
     def save(self, state: LearningProcessState) -> Path:
