@@ -242,7 +242,8 @@ def _proc_status_kb(pid: int, field: str) -> int:
 def measure_agent_round(device_python: Path, cnn_bytes: bytes, data_path: Path, workdir: Path) -> dict:
     """Run the agent as a process for one round; its VmHWM after the update, and the round time."""
     from device_runtime.artifact import read_manifest
-    from device_runtime.protocol import Task, decode_update, encode_task, model_topic, task_topic
+    from device_runtime.protocol import (ClientWork, RoundConfig, Task, decode_update, encode_task, model_topic,
+                                         task_topic)
 
     manifest = read_manifest(cnn_bytes)
     log_path = workdir / "agent.log"
@@ -250,7 +251,7 @@ def measure_agent_round(device_python: Path, cnn_bytes: bytes, data_path: Path, 
         server = BenchServer(port)
         agent = None
         try:
-            server.publish(model_topic(FLEET, manifest["content_hash"]), cnn_bytes)
+            server.publish(model_topic(FLEET, manifest.content_hash), cnn_bytes)
             with open(log_path, "wb") as log:
                 # cwd = the repository: `-m` runs the working tree's device_runtime with the device venv's packages.
                 agent = subprocess.Popen(
@@ -261,9 +262,7 @@ def measure_agent_round(device_python: Path, cnn_bytes: bytes, data_path: Path, 
             if not server.online.wait(TIMEOUT_S):
                 raise RuntimeError(f"the agent did not come online:\n{log_path.read_text()}")
             idle_kb = _proc_status_kb(agent.pid, "VmHWM")
-            task = Task(round=1, run_id="bench", model_hash=manifest["content_hash"], learning_rate=None, epochs=1, max_steps=None,
-                        max_seconds=None, deadline=time.time() + 600, selected=None, fraction=None,
-                        encoding="float32", topk=None, seed=1)
+            task = Task("bench", RoundConfig(1, 1, ClientWork()), manifest.content_hash, None, time.time() + 600)
             published = time.monotonic()
             server.publish(task_topic(FLEET), encode_task(task))
             try:
@@ -316,7 +315,7 @@ def measure_update_sizes(cnn_bytes: bytes, x: np.ndarray, y: np.ndarray, repeats
     result = train_locally(model, (x, y), epochs=1, shuffle_seed=0)
     manifest = model.manifest
     update = ModelUpdate(fleet=FLEET, round=1, device_id="d1", update_id=uuid.uuid4().hex,
-                         model_hash=manifest["content_hash"], num_examples=result.num_examples,
+                         model_hash=manifest.content_hash, num_examples=result.num_examples,
                          metrics=result.metrics, tensors=result.delta)
     flat = np.concatenate([t.ravel() for t in result.delta])
     rows = []
@@ -383,7 +382,7 @@ def federated_accuracy(rounds: int, clients: int, alpha: float, seed: int, local
     def accuracy(weights: list[np.ndarray]) -> float:
         model.set_weights(weights)
         metrics = evaluate_locally(model, (x_test, y_test))
-        return finalize_metrics(manifest["metrics"]["finalizers"], metrics)["accuracy"]
+        return finalize_metrics(manifest.metrics.finalizers, metrics)["accuracy"]
 
     results: dict = {}
     for epochs in local_epochs:
@@ -399,7 +398,7 @@ def federated_accuracy(rounds: int, clients: int, alpha: float, seed: int, local
                                           shuffle_seed=seed * 10**6 + round_id * 1000 + client * 10)
                     payload = encode_update(ModelUpdate(
                         fleet=FLEET, round=round_id, device_id=f"c{client}", update_id=uuid.uuid4().hex,
-                        model_hash=manifest["content_hash"], num_examples=local.num_examples,
+                        model_hash=manifest.content_hash, num_examples=local.num_examples,
                         metrics=local.metrics, tensors=local.delta), encoding)
                     update = decode_update(payload, manifest, fleet=FLEET, device_id=f"c{client}")
                     sent += len(payload)
@@ -412,7 +411,7 @@ def federated_accuracy(rounds: int, clients: int, alpha: float, seed: int, local
             results[(epochs, encoding)] = {"accuracy": curve[-1], "curve": curve,
                                            "bytes_per_round": statistics.mean(round_bytes),
                                            "seconds": time.perf_counter() - started}
-    return {"results": results, "num_parameters": manifest["num_parameters"], "test_examples": len(y_test),
+    return {"results": results, "num_parameters": manifest.num_parameters, "test_examples": len(y_test),
             "client_sizes": [len(index) for index in split],
             "labels_per_client": [int((np.bincount(y_train[index], minlength=10) >= 0.05 * len(index)).sum())
                                   for index in split]}
@@ -484,7 +483,7 @@ def main() -> None:
         fit = report["keras_fit"] = measure_keras_fit(keras_file, data_path)
         artifact = converted.save(workdir / "mcmahan_cnn.tflite")
         stages = report["round_stages"] = measure_round_stages(device_venv / "bin" / "python", artifact, data_path)
-        print(f"\n# 2. one training round of the McMahan CNN ({converted.manifest['num_parameters']:,} parameters, "
+        print(f"\n# 2. one training round of the McMahan CNN ({converted.manifest.num_parameters:,} parameters, "
               f"batch 10, {args.examples} examples, 1 epoch)")
         print(f"{'process':52s} {'peak RSS MiB':>12s} {'train s':>8s}")
         print(f"{'device agent (device venv, no TensorFlow, 1 thread)':52s} {agent['peak_mib']:>12.1f} "

@@ -7,8 +7,9 @@ Prints three tables:
    --per-round reports, over-selection 1.3) running the digits CNN: the time until every
    device is connected and checked in, one line per round (configure, reporting, accepted,
    dropped), the median and max round time and its parts, the CPU time of this process and of
-   Mosquitto, and the peak RSS (VmHWM) of both. The first --rounds rounds ask for float32
-   updates, the next --rounds for int8 (the executor's `encoding` is switched in between).
+   Mosquitto, and the peak RSS (VmHWM) of both. The fleet, the model and the server are built
+   from a job (fedge.job.build, as `fedge simulate` builds them). The first --rounds rounds ask
+   for float32 updates, the next --rounds for int8 (a second job, resuming the same checkpoint).
 2. the updates per second the server checks, decodes (ReportGate.check -> decode_update) and
    folds into its running sums (fedge.learning.process.aggregate_round, the WeightedMean of
    every executor) for the McMahan CNN (1,663,370 parameters), from --updates random deltas
@@ -36,8 +37,13 @@ import time
 import tracemalloc
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tomllib
+
+if TYPE_CHECKING:
+    from device_runtime.manifest import Manifest
+    from fedge.job import Job
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -93,36 +99,43 @@ def convert(model, learning_rate: float, momentum: float, batch_size: int):
 # ------------------------------------------------------------------------------ 1. the fleet
 
 
-def run_fleet(args: argparse.Namespace, workdir: Path) -> dict:
-    """Broker, fleet and server in this process, as `fedge simulate` wires them; rounds per encoding."""
-    import keras
-
-    from fedge.broker import EmbeddedBroker
-    from fedge.learning import optimizers
-    from fedge.learning.aggregation import ClientWeighting
-    from fedge.learning.process import ClientWork, LearningProcess
-    from fedge.server.mqtt_executor import MqttExecutor
-    from fedge.server.rounds import FederatedServer, ServerSettings
-    from fedge.simulation.models import digits_cnn
-    from simulator.fleet import Fleet
+def fleet_job(args: argparse.Namespace, encoding: str, rounds: int) -> Job:
+    """The bench's job: the digits CNN over the scaled fleet, `rounds` rounds whose devices send `encoding` updates."""
+    from device_runtime.protocol import ClientWork
+    from fedge.job import ClientOptimizerSpec, DataSpec, FleetSpec, Job, ModelSpec, ProcessSpec, RoundsSpec
     from simulator.scenario import load_scenario
 
     scenario = load_scenario(scaled_scenario(args.devices))
-    train_clients, _ = scenario.load_data()
-    keras.utils.set_random_seed(args.seed)
-    artifact = convert(digits_cnn(), 0.1, 0.9, 16)
-    finalizers = artifact.manifest["metrics"]["finalizers"]
-    min_reports = args.min_reports or max(1, args.per_round // 2)
-    result: dict = {"num_parameters": artifact.manifest["num_parameters"], "artifact_bytes": len(artifact.tflite_bytes),
-                    "devices": scenario.num_devices, "min_reports": min_reports, "rounds": {}}
+    return Job(name="bench-fleet",
+               model=ModelSpec("factory", "fedge.simulation.models:digits_cnn", "sparse_categorical_crossentropy",
+                               batch_size=16, optimizer=ClientOptimizerSpec("sgd", 0.1, {"momentum": 0.9})),
+               data=DataSpec(dataset="digits", partition="iid"),
+               process=ProcessSpec(client_work=ClientWork(1, encoding=encoding)),
+               rounds=RoundsSpec(count=rounds, clients_per_round=args.per_round,
+                                 min_reports=args.min_reports or max(1, args.per_round // 2), deadline=args.deadline,
+                                 checkin_wait=60.0, seed=args.seed),
+               fleet=FleetSpec(scenario.fleet, scenario.groups))
+
+
+def run_fleet(args: argparse.Namespace, workdir: Path) -> dict:
+    """Broker, fleet and server in this process, built from a job as `fedge simulate` builds them; the first
+    --rounds rounds with float32 updates, then the same server resumed for --rounds more with int8."""
+    from device_runtime.connection import BrokerSettings
+    from fedge.broker import EmbeddedBroker
+    from fedge.job.build import build_executor, build_model, build_process, build_server
+    from simulator.fleet import Fleet
+
+    jobs = [fleet_job(args, encoding, (i + 1) * args.rounds) for i, encoding in enumerate(ENCODINGS)]
+    job = jobs[0]
+    artifact = build_model(job).artifact
+    result: dict = {"num_parameters": artifact.manifest.num_parameters, "artifact_bytes": len(artifact.tflite_bytes),
+                    "devices": job.fleet.num_devices, "min_reports": job.rounds.min_reports, "rounds": {}}
     setup_rss_kb = proc_status_kb("self", "VmRSS")
     with EmbeddedBroker("mosquitto") as broker:
         broker_pid = broker.pid  # the bench reads the broker's /proc entry
-        fleet = Fleet.from_scenario(scenario, broker.url, client_data=train_clients)
-        executor = MqttExecutor(broker.url, scenario.fleet, clients_per_round=args.per_round,
-                                min_reports=min_reports, deadline_s=args.deadline, encoding=ENCODINGS[0])
-        process = LearningProcess(artifact, finalizers, ClientWork(1, None, None, args.seed, None),
-                                  ClientWeighting.NUM_EXAMPLES, optimizers.SGD(1.0), executor)
+        fleet = Fleet.from_job(job, broker.url)
+        scenario = fleet.scenario
+        executor = build_executor(job, BrokerSettings(broker.url))
         executor.start()  # subscribed before the devices connect: every status is seen as it comes
         started = time.monotonic()
         fleet.start()
@@ -149,7 +162,7 @@ def run_fleet(args: argparse.Namespace, workdir: Path) -> dict:
         marks = {"cpu": sum(os.times()[:2]), "broker_cpu": proc_cpu_s(broker_pid), "fleet": fleet.totals()}
 
         def on_round(record: dict) -> None:
-            encoding = executor.encoding
+            encoding = ENCODINGS[record["round"] // args.rounds]
             totals = fleet.totals()
             cpu, broker_cpu = sum(os.times()[:2]), proc_cpu_s(broker_pid)
             record = dict(record, encoding=encoding, cpu_s=cpu - marks["cpu"],
@@ -164,15 +177,13 @@ def run_fleet(args: argparse.Namespace, workdir: Path) -> dict:
                   f"{record['seconds']:>7.3f} {record['bytes_up'] / 1e3:>8.1f} "
                   f"{record['device_bytes_down'] / 1e3:>14.1f} {record['cpu_s']:>6.2f} "
                   f"{record['broker_cpu_s']:>12.2f}", flush=True)
-            # the next rounds ask for the next encoding: same connection, report gate and registry
-            executor.encoding = ENCODINGS[min(record["round"] + 1, len(ENCODINGS) * args.rounds - 1) // args.rounds]
 
-        server = FederatedServer(process, executor, ServerSettings(len(ENCODINGS) * args.rounds,
-                                                                   workdir / "checkpoints", None, args.seed, 60.0, 1),
-                                 on_round=on_round)
         try:
-            with executor:
-                server.run()
+            with executor:  # each encoding's job resumes the checkpoint: same connection, report gate and registry
+                for encoding_job in jobs:
+                    process = build_process(encoding_job, artifact, executor)
+                    build_server(encoding_job, process, executor, workdir / "checkpoints", None, None,
+                                 on_round=on_round).run()
         finally:
             fleet.stop()
         result["broker_peak_kb"] = proc_status_kb(broker_pid, "VmHWM")
@@ -255,24 +266,24 @@ client.disconnect()
 """
 
 
-def make_payloads(manifest: dict, count: int, encoding: str, seed: int) -> list[tuple[str, bytes]]:
+def make_payloads(manifest: Manifest, count: int, encoding: str, seed: int) -> list[tuple[str, bytes]]:
     """`count` (device id, encoded update) pairs of random deltas of the model's real shapes."""
     from device_runtime.protocol import ModelUpdate, encode_update
 
     rng = np.random.default_rng(seed)
-    shapes = [w["shape"] for w in manifest["weights"]]
-    variables = manifest["metrics"]["variables"]
+    shapes = [w.shape for w in manifest.weights]
+    variables = manifest.metrics.variables
     payloads = []
     for i in range(count):
         device = f"dev-{i:04d}"
         delta = [(rng.standard_normal(shape, dtype=np.float32) * np.float32(1e-3)) for shape in shapes]
-        update = ModelUpdate("bench", 0, device, uuid.uuid4().hex, manifest["content_hash"],
+        update = ModelUpdate("bench", 0, device, uuid.uuid4().hex, manifest.content_hash,
                              int(rng.integers(10, 600)), {name: float(rng.random()) for name in variables}, delta)
         payloads.append((device, encode_update(update, encoding)))
     return payloads
 
 
-def aggregate(manifest: dict, payloads: list[tuple[str, bytes]], trace: bool) -> dict:
+def aggregate(manifest: Manifest, payloads: list[tuple[str, bytes]], trace: bool) -> dict:
     """One round's reports through the server's path: ReportGate.check (decode_update + checks), then aggregate_round.
 
     With `trace`, each payload is first copied (as the MQTT client's receive buffer would hold
@@ -285,7 +296,7 @@ def aggregate(manifest: dict, payloads: list[tuple[str, bytes]], trace: bool) ->
     from fedge.learning.state import LearningProcessState, ModelWeights
     from fedge.server.reports import ReportGate, RoundWindow
 
-    weights = ModelWeights.from_list(manifest, [np.zeros(w["shape"], np.float32) for w in manifest["weights"]])
+    weights = ModelWeights.from_list(manifest, [np.zeros(w.shape, np.float32) for w in manifest.weights])
     optimizer = optimizers.SGD(1.0)
     state = LearningProcessState(weights, optimizer.initialize(weights.trainable), 0)
     gate = ReportGate("bench", is_known=lambda device: True)
@@ -306,8 +317,7 @@ def aggregate(manifest: dict, payloads: list[tuple[str, bytes]], trace: bool) ->
         tracemalloc.start()
     started = time.perf_counter()
     try:
-        _, metrics = aggregate_round(state, weights, updates(), manifest, manifest["metrics"]["finalizers"],
-                                     ClientWeighting.NUM_EXAMPLES, optimizer)
+        _, metrics = aggregate_round(state, weights, updates(), manifest, ClientWeighting.NUM_EXAMPLES, optimizer)
         total_s = time.perf_counter() - started
         peak = tracemalloc.get_traced_memory()[1] if trace else None
     finally:
@@ -326,16 +336,16 @@ def measure_mqtt_ingest(artifact, count: int, seed: int, workdir: Path) -> list[
     from fedge.broker import EmbeddedBroker
     from fedge.learning import optimizers
     from fedge.learning.aggregation import ClientWeighting
-    from fedge.learning.executors import TrainConfig
+    from device_runtime.protocol import ClientWork, RoundConfig
     from fedge.learning.process import aggregate_round
     from fedge.learning.state import LearningProcessState, ModelWeights
     from fedge.server.mqtt_executor import MqttExecutor
 
     manifest = artifact.manifest
     spec = workdir / "spec.json"
-    spec.write_text(json.dumps({"shapes": [w["shape"] for w in manifest["weights"]], "hash": manifest["content_hash"],
-                                "variables": manifest["metrics"]["variables"]}))
-    weights = ModelWeights.from_list(manifest, [np.zeros(w["shape"], np.float32) for w in manifest["weights"]])
+    spec.write_text(json.dumps({"shapes": [w.shape for w in manifest.weights], "hash": manifest.content_hash,
+                                "variables": manifest.metrics.variables}))
+    weights = ModelWeights.from_list(manifest, [np.zeros(w.shape, np.float32) for w in manifest.weights])
     optimizer = optimizers.SGD(1.0)
     devices = [f"dev-{i:04d}" for i in range(count)]
     rows = []
@@ -348,14 +358,15 @@ def measure_mqtt_ingest(artifact, count: int, seed: int, workdir: Path) -> list[
                 if publisher.stdout.readline().strip() != "ready":
                     raise SystemExit("the publisher did not start")
                 executor = MqttExecutor(broker.url, "bench", clients_per_round=count, min_reports=count,
-                                        deadline_s=600.0, encoding=encoding)
+                                        deadline_s=600.0)
                 with executor:
                     state = LearningProcessState(weights, optimizer.initialize(weights.trainable), 0)
                     cpu, broker_cpu = sum(os.times()[:2]), proc_cpu_s(broker.pid)
                     started = time.perf_counter()
-                    _, metrics = aggregate_round(state, weights, executor.train(
-                        artifact.tflite_bytes, weights.to_list(), devices, TrainConfig(0)), manifest,
-                        manifest["metrics"]["finalizers"], ClientWeighting.NUM_EXAMPLES, optimizer)
+                    config = RoundConfig(0, seed, ClientWork(encoding=encoding))
+                    _, metrics = aggregate_round(state, weights, executor.train(artifact, weights.to_list(), devices,
+                                                                                config), manifest,
+                                                 ClientWeighting.NUM_EXAMPLES, optimizer)
                     round_s = time.perf_counter() - started
                     cpu, broker_cpu = sum(os.times()[:2]) - cpu, proc_cpu_s(broker.pid) - broker_cpu
                 published = publisher.communicate(timeout=120)[0].split()
@@ -378,22 +389,22 @@ def measure_aggregation(args: argparse.Namespace, workdir: Path) -> dict:
     """Updates/s and MB/s through decoding and streaming aggregation of the McMahan CNN, per encoding."""
     import keras
 
-    from device_runtime.protocol import Task, encode_task, encode_weights
+    from device_runtime.protocol import ClientWork, RoundConfig, Task, encode_task, encode_weights
     from fedge.simulation.models import mnist_cnn
 
     keras.utils.set_random_seed(args.seed)
     artifact = convert(mnist_cnn(), 0.01, 0.0, 10)
     manifest = artifact.manifest
-    model_bytes = 4 * manifest["num_parameters"]
-    result: dict = {"num_parameters": manifest["num_parameters"], "model_bytes": model_bytes,
+    model_bytes = 4 * manifest.num_parameters
+    result: dict = {"num_parameters": manifest.num_parameters, "model_bytes": model_bytes,
                     "artifact_bytes": len(artifact.tflite_bytes), "rows": []}
-    weights = [np.zeros(w["shape"], np.float32) for w in manifest["weights"]]
-    result["weights_bytes"] = len(encode_weights("bench", 0, manifest["content_hash"], weights,
-                                                 manifest["metrics"]["variables"]))
+    weights = [np.zeros(w.shape, np.float32) for w in manifest.weights]
+    result["weights_bytes"] = len(encode_weights("bench", 0, manifest.content_hash, weights,
+                                                 manifest.metrics.variables))
     selected = math.ceil(round(1.3 * args.per_round, 9))
-    result["task_bytes"] = len(encode_task(Task(0, "0123456789abcdef", manifest["content_hash"], 0.01, 1, None, None, time.time() + 60,
-                                                [f"phone-{i:03d}" for i in range(selected)], None, "float32", None,
-                                                2**62, "sha256:" + "0" * 64)))
+    task = Task("0123456789abcdef", RoundConfig(0, 2**62, ClientWork(learning_rate=0.01)), manifest.content_hash,
+                "sha256:" + "0" * 64, time.time() + 60, tuple(f"phone-{i:03d}" for i in range(selected)))
+    result["task_bytes"] = len(encode_task(task))
     for encoding in ENCODINGS:
         started = time.perf_counter()
         payloads = make_payloads(manifest, args.updates, encoding, args.seed)

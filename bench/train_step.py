@@ -36,7 +36,7 @@ import sys, numpy as np
 {peak}
 from device_runtime import TrainableModel
 model = TrainableModel.from_file(sys.argv[1], num_threads=int(sys.argv[3]))
-b, shape = model.batch_size, model.manifest["input"]["shape"]
+b, shape = model.batch_size, model.manifest.input.shape
 rng = np.random.default_rng(0)
 x, y = rng.random((b, *shape), dtype=np.float32), rng.integers(0, 10, b).astype(np.int32)
 for _ in range(int(sys.argv[2])):

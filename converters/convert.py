@@ -18,7 +18,8 @@ from converters.module import ArtifactModule, weight_key
 from converters.optimizers import optimizer_config
 from converters.tflite_file import convert_signatures, embed_manifest
 from converters.trainer import TrainableModule
-from device_runtime.artifact import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, Artifact, read_manifest
+from device_runtime.artifact import Artifact, read_manifest
+from device_runtime.manifest import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION
 
 _ACCURACY_NAMES = {"accuracy", "acc", "sparse_categorical_accuracy", "categorical_accuracy", "binary_accuracy"}
 
@@ -61,7 +62,7 @@ def check_batch_size(batch_size: Any) -> None:
 
 
 def keras_metric_finalizers(metric_variables: list[str]) -> dict[str, list[str]]:
-    """How a Keras model's artifact finalizes its metric variables (manifest["metrics"]["finalizers"])."""
+    """How a Keras model's artifact finalizes its metric variables (manifest.metrics.finalizers)."""
     finalizers = {"loss": ["divide", "loss_sum", "num_examples"],
                   "num_examples": ["identity", "num_examples"],
                   "num_batches": ["identity", "num_batches"]}

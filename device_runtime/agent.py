@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import queue
@@ -17,19 +16,10 @@ from device_runtime.connection import MqttConnection, TlsFiles, parse_broker_url
 from device_runtime.data import load_local_data
 from device_runtime.model import TrainableModel
 from device_runtime.model_cache import ModelCache, default_cache_dir
-from device_runtime.rounds import (checked_model, proximal_strength, round_key, round_update, skip_reason, supersedes,
-                                   task_to_train, training_budget)
-from device_runtime.protocol import (
-    ProtocolError,
-    Task,
-    decode_weights,
-    encode_status,
-    payload_hash,
-)
-from device_runtime.protocol.topics import (model_topic, status_topic, task_topic, update_topic,
-                                            weights_topic)
+from device_runtime.protocol import ProtocolError, Task, encode_status
+from device_runtime.protocol.topics import status_topic, task_topic, update_topic
+from device_runtime.rounds import DeviceRound, Fetch, round_key, skip_reason, supersedes, task_to_train
 from device_runtime.signing import Ed25519PublicKey, TaskVerifier
-from device_runtime.training import train_locally
 
 logger = logging.getLogger(__name__)
 
@@ -37,18 +27,12 @@ MODEL_FETCH_TIMEOUT_S = 60.0
 PUBLISH_TIMEOUT_S = 30.0
 
 
-def device_shuffle_seed(task_seed: int, device_id: str) -> int:
-    """The shuffle seed of one device in one round: a 63-bit hash of the task's seed and the device id."""
-    digest = hashlib.sha256(f"{task_seed}:{device_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+class _PendingFetch:
+    """A download in progress from a retained topic: what is awaited, and the payload once it arrived."""
 
-
-class _RetainedFetch:
-    """A pending download from a retained topic; `accept` says whether a payload is the one awaited."""
-
-    def __init__(self, topic: str, accept: Callable[[bytes], bool]) -> None:
-        self.topic = topic
-        self.accept = accept
+    def __init__(self, fetch: Fetch) -> None:
+        self.fetch = fetch
+        self.topic = fetch.topic
         self.payload: bytes | None = None
         self.arrived = threading.Event()
 
@@ -103,7 +87,7 @@ class DeviceAgent:
         self._lock = threading.Lock()
         self._status: tuple[str, int | None] = ("online", None)
         self._started_rounds: set[tuple[str, int]] = set()  # (run id, round)
-        self._fetches: dict[str, _RetainedFetch] = {}
+        self._fetches: dict[str, _PendingFetch] = {}
         self._stop = threading.Event()
         self._task_subscription: int | None = None
         self._subscribed = threading.Event()
@@ -177,7 +161,7 @@ class DeviceAgent:
             logger.debug("ignoring a message on %s (nothing is waiting for it)", topic)
         elif not payload:
             logger.debug("ignoring an empty retained message on %s", topic)
-        elif not fetch.accept(payload):
+        elif not fetch.fetch.matches(payload):
             logger.debug("ignoring a message on %s that is not the one awaited", topic)
         else:
             fetch.payload = payload
@@ -249,8 +233,9 @@ class DeviceAgent:
         return None
 
     def _run_round(self, task: Task) -> None:
-        """Fetch the model, train on the local data and publish the update for one round."""
-        model_path = self._model_for(task)
+        """Fetch the model (and the global weights), train on the local data and publish the update of one round."""
+        device_round = DeviceRound(self.fleet, self.device_id, task)
+        model_path = self._model_for(device_round)
         if model_path is None:
             self._count("rounds_failed")
             return
@@ -259,92 +244,86 @@ class DeviceAgent:
                 return
             self._started_rounds.add(round_key(task))
         model = TrainableModel.from_file(model_path, num_threads=self._num_threads, verify=False)  # verified on fetch
-        initial_weights = self._global_weights(task, model)
-        if task.weights_hash is not None and initial_weights is None:
-            self._count("rounds_failed")
-            return
+        initial_weights = None
+        if device_round.weights_fetch is not None:
+            initial_weights = self._global_weights(device_round, model)
+            if initial_weights is None:
+                self._count("rounds_failed")
+                return
         self._set_state("training", task.round)
-        max_seconds = training_budget(task, self._clock())
-        logger.info("round %d: training (epochs %d, max_steps %s, max_seconds %.1f)",
-                    task.round, task.epochs, task.max_steps, max_seconds)
-        result = train_locally(model, self._data, epochs=task.epochs,
-                               shuffle_seed=device_shuffle_seed(task.seed, self.device_id),
-                               max_steps=task.max_steps, max_seconds=max_seconds,
-                               learning_rate=task.learning_rate, initial_weights=initial_weights,
-                               proximal_mu=proximal_strength(task.proximal_mu, model.manifest))
+        max_seconds = device_round.time_budget(self._clock())
+        logger.info("round %d: training (epochs %d, max_steps %s, max_seconds %s)",
+                    task.round, task.work.epochs, task.work.max_steps, max_seconds)
+        outcome = device_round.train(model, self._data, initial_weights, max_seconds)
+        result = outcome.result
         self._count("rounds_trained")
         logger.info("round %d: trained %d steps on %d examples in %.2f s%s", task.round, result.steps,
                     result.num_examples, result.seconds, " (budget cut it short)" if result.stopped_early else "")
-        update, payload = round_update(self.fleet, self.device_id, task, result)
-        mid = self._connection.publish(self._update_topic, payload, qos=1)
+        mid = self._connection.publish(self._update_topic, outcome.payload, qos=1)
         if self._connection.wait_for_ack(mid, self._publish_timeout):
             self._count("updates_published")
-            logger.info("round %d: update %s delivered (%d bytes, %s)", task.round, update.update_id,
-                        len(payload), task.encoding)
+            logger.info("round %d: update %s delivered (%d bytes, %s)", task.round, outcome.update.update_id,
+                        len(outcome.payload), task.work.encoding)
         else:
             logger.warning("round %d: no PUBACK for the update within %.0f s; paho keeps it and resends it "
                            "after a reconnect", task.round, self._publish_timeout)
 
-    def _model_for(self, task: Task) -> Path | None:
-        """The cached file of the task's model, fetched from its retained topic (verified and cached)
-        when the cache lacks it; None if refused. Training maps this file (TrainableModel.from_file)."""
+    def _model_for(self, device_round: DeviceRound) -> Path | None:
+        """The cached file of the round's model, fetched from its retained topic (verified and cached) when the
+        cache lacks it; None if refused. Training maps this file (TrainableModel.from_file)."""
+        task = device_round.task
         if self.cache.get(task.model_hash) is not None:
             self._count("models_from_cache")
             logger.info("round %d: model %s from the cache", task.round, task.model_hash)
             return self.cache.path(task.model_hash)
-        topic = model_topic(self.fleet, task.model_hash)
-        payload = self._download(task, topic, "model", lambda payload: True)
+        payload = self._download(task, device_round.model_fetch)
         if payload is None:
             return None
         try:
-            checked_model(payload, task)
+            device_round.check_model(payload)
         except ArtifactError as error:
-            logger.error("round %d: refusing the model on %s: %s", task.round, topic, error)
+            logger.error("round %d: refusing the model on %s: %s", task.round, device_round.model_fetch.topic, error)
             return None
         cached_hash = self.cache.put(payload)
         self._count("models_downloaded")
         logger.info("round %d: model %s downloaded (%d bytes) and cached", task.round, task.model_hash, len(payload))
         return self.cache.path(cached_hash)
 
-    def _global_weights(self, task: Task, model: TrainableModel) -> list | None:
-        """The round's global weights named by the task (None when it names none, or when they are refused)."""
-        if task.weights_hash is None:
-            return None
-        expected = task.weights_hash
-        payload = self._download(task, weights_topic(self.fleet), "global weights",
-                                 lambda payload: payload_hash(payload) == expected)
+    def _global_weights(self, device_round: DeviceRound, model: TrainableModel) -> list | None:
+        """The round's global weights (None when they do not arrive or are refused)."""
+        task = device_round.task
+        payload = self._download(task, device_round.weights_fetch)
         if payload is None:
             return None
         try:
-            weights = decode_weights(payload, model.manifest, fleet=self.fleet)
+            weights = device_round.global_weights(payload, model)
         except ProtocolError as error:
             logger.error("round %d: refusing the global weights: %s", task.round, error)
             return None
-        logger.info("round %d: global weights of round %d received (%d bytes)", task.round, weights.round,
-                    len(payload))
-        return weights.tensors
+        logger.info("round %d: global weights received (%d bytes)", task.round, len(payload))
+        return weights
 
-    def _download(self, task: Task, topic: str, what: str, accept: Callable[[bytes], bool]) -> bytes | None:
-        """Subscribe to a retained topic and wait for the payload `accept` takes (until the deadline or a timeout)."""
-        fetch = _RetainedFetch(topic, accept)
+    def _download(self, task: Task, fetch: Fetch) -> bytes | None:
+        """Subscribe to a fetch's retained topic and wait for its payload (until the deadline or a timeout)."""
+        pending = _PendingFetch(fetch)
         with self._lock:
-            self._fetches[topic] = fetch
+            self._fetches[fetch.topic] = pending
         self._connection.subscribe([fetch.topic], qos=1)
         try:
             wait = max(0.0, min(self._model_fetch_timeout, task.deadline - self._clock()))
             end = time.monotonic() + wait
-            while not fetch.arrived.wait(min(0.1, max(0.0, end - time.monotonic()))):
+            while not pending.arrived.wait(min(0.1, max(0.0, end - time.monotonic()))):
                 if self._stop.is_set():
-                    logger.info("round %d: stopping, so the %s download is abandoned", task.round, what)
+                    logger.info("round %d: stopping, so the %s download is abandoned", task.round, fetch.what)
                     return None
                 if time.monotonic() >= end:
-                    logger.error("round %d: the %s did not arrive on %s within %.0f s", task.round, what,
+                    logger.error("round %d: the %s did not arrive on %s within %.0f s", task.round, fetch.what,
                                  fetch.topic, wait)
                     return None
-            return fetch.payload
+            return pending.payload
         finally:
             with self._lock:
-                self._fetches.pop(topic, None)
+                self._fetches.pop(fetch.topic, None)
             self._connection.unsubscribe(fetch.topic)
 
     def _set_state(self, state: str, round_id: int | None = None) -> None:

@@ -22,9 +22,9 @@ import flatbuffers
 from flatbuffers import number_types as N
 from flatbuffers.table import Table
 
+from device_runtime.manifest import ContentHash, Manifest, ManifestError
+
 MANIFEST_METADATA_NAME = "fedge_manifest"
-MANIFEST_FORMAT = "fedge-trainable"
-MANIFEST_FORMAT_VERSION = 1
 TFLITE_FILE_IDENTIFIER = b"TFL3"
 BUILTIN_CUSTOM_CODE = 32  # BuiltinOperator.CUSTOM: Flex ops are custom ops named "Flex..."
 _HASH_PATTERN = re.compile(rb'"content_hash": "sha256:([0-9a-f]{64})"')
@@ -151,23 +151,26 @@ def read_metadata(model_bytes: bytes) -> dict[str, bytes]:
     }
 
 
-def read_manifest(model_bytes: bytes) -> dict[str, Any]:
-    """The fedge manifest embedded in the model (docs/artifact.md)."""
+def read_manifest_json(model_bytes: bytes) -> dict[str, Any]:
+    """The fedge manifest embedded in the model, as the JSON object stored there (unchecked)."""
     raw = read_metadata(model_bytes).get(MANIFEST_METADATA_NAME)
     if raw is None:
         raise ArtifactError(f"no '{MANIFEST_METADATA_NAME}' metadata: not a fedge trainable artifact")
     try:
-        manifest = json.loads(raw.decode("utf-8"))
+        document = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ArtifactError(f"manifest is not valid UTF-8 JSON: {error}") from error
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ArtifactError(f"manifest format is not '{MANIFEST_FORMAT}'")
-    version = manifest.get("format_version")
-    if version != MANIFEST_FORMAT_VERSION:
-        raise ArtifactError(
-            f"manifest format_version {version!r} is not supported (this runtime reads "
-            f"{MANIFEST_FORMAT_VERSION})")
-    return manifest
+    if not isinstance(document, dict):
+        raise ArtifactError(f"manifest must be a JSON object, got {type(document).__name__}")
+    return document
+
+
+def read_manifest(model_bytes: bytes) -> Manifest:
+    """The fedge manifest embedded in the model (docs/artifact.md), checked and typed."""
+    try:
+        return Manifest.from_json(read_manifest_json(model_bytes))
+    except ManifestError as error:
+        raise ArtifactError(str(error)) from None
 
 
 def content_digest(model_bytes: bytes) -> str:
@@ -183,10 +186,10 @@ def content_digest(model_bytes: bytes) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def verify_content_hash(model_bytes: bytes) -> str:
+def verify_content_hash(model_bytes: bytes) -> ContentHash:
     """Recompute the content hash and compare it with the manifest's; return it."""
-    claimed = read_manifest(model_bytes).get("content_hash")
-    actual = content_digest(model_bytes)
+    claimed = read_manifest_json(model_bytes).get("content_hash")
+    actual = ContentHash(content_digest(model_bytes))
     if claimed != actual:
         raise ArtifactError(f"content hash mismatch: manifest says {claimed}, bytes give {actual}")
     return actual
@@ -201,7 +204,12 @@ class Artifact:
     """
 
     tflite_bytes: bytes
-    manifest: dict[str, Any]
+    manifest: Manifest
+
+    @property
+    def content_hash(self) -> ContentHash:
+        """The artifact's identity (what tasks and model topics name it by)."""
+        return self.manifest.content_hash
 
     @classmethod
     def from_bytes(cls, model_bytes: bytes) -> Artifact:

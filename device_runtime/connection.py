@@ -68,6 +68,29 @@ class TlsFiles:
             raise ValueError("a TLS client key needs a client certificate (--tls-cert)")
 
 
+@dataclass(frozen=True)
+class BrokerSettings:
+    """A broker and how to log in to it: 'mqtt[s]://host[:port]', user name and password, TLS files."""
+
+    url: str
+    username: str | None = None
+    password: str | None = None
+    tls: TlsFiles | None = None
+
+    def __post_init__(self) -> None:
+        """ValueError for a bad URL, a password without a user name, or a missing TLS file."""
+        parse_broker_url(self.url)
+        if self.password is not None and self.username is None:
+            raise ValueError("a broker password needs a user name")
+        if self.tls is not None:
+            self.tls.check()
+
+    @property
+    def address(self) -> BrokerAddress:
+        """Host, port and whether TLS is used."""
+        return parse_broker_url(self.url)
+
+
 class _QuietRetryFilter(logging.Filter):
     """Demote paho's 'Client is not connected' error, logged on every reconnect attempt, to DEBUG."""
 

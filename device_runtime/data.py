@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from device_runtime.manifest import Manifest, TensorSpec
 from device_runtime.model import Batch, _pad_rows, _validated_rows
 
-Specs = tuple[Mapping[str, Any], Mapping[str, Any]]
+Specs = tuple[TensorSpec, TensorSpec]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -38,9 +39,9 @@ class LocalData:
         """Whether the data can be iterated more than once (several epochs)."""
         return self.stream is None or not isinstance(self.stream, Iterator)
 
-    def checked(self, manifest: Mapping[str, Any]) -> LocalData:
+    def checked(self, manifest: Manifest) -> LocalData:
         """This data checked against (and cast to) the artifact manifest's input and label specs."""
-        specs = (manifest["input"], manifest["label"])
+        specs = (manifest.input, manifest.label)
         if self.specs == specs:
             return self
         if self.x is None:
@@ -74,10 +75,10 @@ class LocalData:
             raise ValueError("the data holds no examples (an iterator can be consumed only once)")
 
 
-def load_local_data(source: Any, manifest: Mapping[str, Any] | None = None) -> LocalData:
+def load_local_data(source: Any, manifest: Manifest | None = None) -> LocalData:
     """Wrap (x, y) arrays, an .npz path, a folder of .npz files or an iterable of (x, y) batches as LocalData.
 
-    With `manifest`, shapes and dtypes are checked against its "input" and "label" entries now
+    With `manifest`, shapes and dtypes are checked against its input and label specs now
     (a stream's batches as they arrive); labels shaped (N, 1) where the manifest says () are squeezed.
     """
     if isinstance(source, LocalData):
@@ -132,7 +133,7 @@ def _checked_pair(x: Any, y: Any, specs: Specs | None, what: str, min_rows: int 
         raise ValueError(f"{what}: holds no examples")
     if specs is not None:
         input_spec, label_spec = specs
-        if y.ndim == len(label_spec["shape"]) + 2 and y.shape[-1] == 1:
+        if y.ndim == len(label_spec.shape) + 2 and y.shape[-1] == 1:
             y = y[..., 0]
         x = _validated_rows(x, input_spec, f"{what}: x", min_rows, None)
         y = _validated_rows(y, label_spec, f"{what}: y", min_rows, None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -11,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from device_runtime.artifact import read_manifest, verify_content_hash
+from device_runtime.manifest import ContentHash, Manifest, TensorSpec, WeightSpec
 from device_runtime.interpreter import load_interpreter, load_interpreter_from_file, signature_runner
 from device_runtime.mapped_file import release_mapped_pages
 
@@ -27,6 +27,7 @@ REQUIRED_SIGNATURES = (
 )
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray]
+_MASK_SPEC = TensorSpec((), "float32")
 
 
 def _shape_text(per_example: tuple[int, ...], rows: str) -> str:
@@ -73,10 +74,10 @@ def _cast(array: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
     return array.astype(dtype)
 
 
-def _validated_rows(value: Any, spec: Mapping[str, Any], what: str, min_rows: int, max_rows: int | None) -> np.ndarray:
+def _validated_rows(value: Any, spec: TensorSpec, what: str, min_rows: int, max_rows: int | None) -> np.ndarray:
     """Check that `value` is a batch of `spec` examples with an allowed row count, and cast it to spec's dtype."""
     array = np.asarray(value)
-    per_example = tuple(int(d) for d in spec["shape"])
+    per_example = tuple(int(d) for d in spec.shape)
     if array.ndim != len(per_example) + 1 or array.shape[1:] != per_example:
         raise ValueError(
             f"{what}: expected shape {_shape_text(per_example, 'N')} (one row per example), got {array.shape}"
@@ -92,11 +93,11 @@ def _validated_rows(value: Any, spec: Mapping[str, Any], what: str, min_rows: in
         raise ValueError(
             f"{what}: expected {allowed} rows of shape {_shape_text(per_example, 'N')}, got shape {array.shape}"
         )
-    return _cast(array, np.dtype(spec["dtype"]), what)
+    return _cast(array, np.dtype(spec.dtype), what)
 
 
 def finalize_metrics(finalizers: Mapping[str, Sequence[str]], unfinalized: Mapping[str, float]) -> dict[str, float]:
-    """Apply manifest["metrics"]["finalizers"] ("divide", "identity") to unfinalized metric sums."""
+    """Apply manifest.metrics.finalizers ("divide", "identity") to unfinalized metric sums."""
 
     def variable(name: str, metric: str) -> float:
         if name not in unfinalized:
@@ -173,7 +174,7 @@ class TrainableModel:
         self._manifest = read_manifest(model_bytes)
         if verify:
             verify_content_hash(model_bytes)
-        self._batch_size = int(self._manifest["batch_size"])
+        self._batch_size = self._manifest.batch_size
 
     def _attach(self, interpreter: Any) -> None:
         """Use `interpreter`, once it is known to have every signature of docs/artifact.md."""
@@ -184,14 +185,14 @@ class TrainableModel:
         self._runners: dict[str, Any] = {}
 
     @property
-    def manifest(self) -> dict[str, Any]:
-        """A copy of the artifact's manifest."""
-        return copy.deepcopy(self._manifest)
+    def manifest(self) -> Manifest:
+        """The artifact's manifest."""
+        return self._manifest
 
     @property
-    def content_hash(self) -> str:
+    def content_hash(self) -> ContentHash:
         """The artifact's content hash, 'sha256:<64 hex>'."""
-        return self._manifest["content_hash"]
+        return self._manifest.content_hash
 
     @property
     def batch_size(self) -> int:
@@ -199,14 +200,14 @@ class TrainableModel:
         return self._batch_size
 
     @property
-    def weight_specs(self) -> list[dict[str, Any]]:
-        """Copies of manifest["weights"]: key, name, shape, dtype, trainable, in weight order."""
-        return copy.deepcopy(self._manifest["weights"])
+    def weight_specs(self) -> tuple[WeightSpec, ...]:
+        """The manifest's weights: key, name, shape, dtype, trainable, in weight order."""
+        return self._manifest.weights
 
     @property
     def metric_names(self) -> list[str]:
-        """Names of the finalized metrics (the keys of manifest["metrics"]["finalizers"])."""
-        return list(self._manifest["metrics"]["finalizers"])
+        """Names of the finalized metrics (the keys of manifest.metrics.finalizers)."""
+        return list(self._manifest.metrics.finalizers)
 
     def _run(self, signature: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         """Invoke one signature of the artifact."""
@@ -218,8 +219,8 @@ class TrainableModel:
     def _padded_batch(self, x: Any, y: Any) -> Batch:
         """Validate 1..B rows of (x, y), pad them to B rows and build the mask."""
         b = self._batch_size
-        x = _validated_rows(x, self._manifest["input"], "x", 1, b)
-        y = _validated_rows(y, self._manifest["label"], "y", 1, b)
+        x = _validated_rows(x, self._manifest.input, "x", 1, b)
+        y = _validated_rows(y, self._manifest.label, "y", 1, b)
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
         mask = np.zeros(b, dtype=np.float32)
@@ -229,9 +230,9 @@ class TrainableModel:
     def _full_batch(self, x: Any, y: Any, mask: Any) -> dict[str, np.ndarray]:
         """Validate a full batch of B rows and its mask, as the train/evaluate signatures take them."""
         b = self._batch_size
-        return {"x": _validated_rows(x, self._manifest["input"], "x", b, b),
-                "y": _validated_rows(y, self._manifest["label"], "y", b, b),
-                "mask": _validated_rows(mask, {"shape": [], "dtype": "float32"}, "mask", b, b)}
+        return {"x": _validated_rows(x, self._manifest.input, "x", b, b),
+                "y": _validated_rows(y, self._manifest.label, "y", b, b),
+                "mask": _validated_rows(mask, _MASK_SPEC, "mask", b, b)}
 
     def train_step(self, x: Any, y: Any, mask: Any) -> float:
         """One optimizer step on a full batch of B rows where `mask` marks real rows; returns the loss."""
@@ -254,10 +255,10 @@ class TrainableModel:
     def predict(self, x: Any) -> np.ndarray:
         """Model outputs for any number of rows, computed in chunks of B; returns exactly one row per input row."""
         b = self._batch_size
-        x = _validated_rows(x, self._manifest["input"], "x", 0, None)
-        output_spec = self._manifest["output"]
+        x = _validated_rows(x, self._manifest.input, "x", 0, None)
+        output_spec = self._manifest.output
         if x.shape[0] == 0:
-            return np.zeros((0, *output_spec["shape"]), dtype=np.dtype(output_spec["dtype"]))
+            return np.zeros((0, *output_spec.shape), dtype=np.dtype(output_spec.dtype))
         chunks = []
         for start in range(0, x.shape[0], b):
             chunk = x[start : start + b]
@@ -265,22 +266,22 @@ class TrainableModel:
         return np.concatenate(chunks)
 
     def get_weights(self) -> list[np.ndarray]:
-        """Every model weight (trainable and not), in manifest["weights"] order."""
+        """Every model weight (trainable and not), in manifest.weights order."""
         outputs = self._run("get_weights")
-        return [np.array(outputs[spec["key"]]) for spec in self._manifest["weights"]]
+        return [np.array(outputs[spec.key]) for spec in self._manifest.weights]
 
     def set_weights(self, weights: Sequence[Any]) -> None:
         """Replace every model weight; nothing changes if any weight has the wrong count, shape or dtype."""
-        specs = self._manifest["weights"]
+        specs = self._manifest.weights
         if len(weights) != len(specs):
             raise ValueError(f"expected {len(specs)} weights, got {len(weights)}")
         inputs = {}
         for index, (value, spec) in enumerate(zip(weights, specs)):
             array = np.asarray(value)
-            what = f"weight {index} ({spec['name']})"
-            if array.shape != tuple(spec["shape"]):
-                raise ValueError(f"{what}: expected shape {tuple(spec['shape'])}, got {array.shape}")
-            inputs[spec["key"]] = _cast(array, np.dtype(spec["dtype"]), what)
+            what = f"weight {index} ({spec.name})"
+            if array.shape != tuple(spec.shape):
+                raise ValueError(f"{what}: expected shape {tuple(spec.shape)}, got {array.shape}")
+            inputs[spec.key] = _cast(array, np.dtype(spec.dtype), what)
         self._run("set_weights", **inputs)
 
     def report_metrics(self) -> dict[str, float]:
@@ -292,12 +293,12 @@ class TrainableModel:
         return self._metrics(self._run("reset_metrics"))
 
     def _metrics(self, outputs: Mapping[str, np.ndarray]) -> dict[str, float]:
-        """Metric outputs as floats, in manifest["metrics"]["variables"] order."""
-        return {name: float(outputs[name]) for name in self._manifest["metrics"]["variables"]}
+        """Metric outputs as floats, in manifest.metrics.variables order."""
+        return {name: float(outputs[name]) for name in self._manifest.metrics.variables}
 
     def finalized_metrics(self, unfinalized: Mapping[str, float]) -> dict[str, float]:
         """Finalize (possibly summed across clients) metric variables with this artifact's finalizers."""
-        return finalize_metrics(self._manifest["metrics"]["finalizers"], unfinalized)
+        return finalize_metrics(self._manifest.metrics.finalizers, unfinalized)
 
     def set_learning_rate(self, learning_rate: float) -> float:
         """Set the client optimizer's learning rate; returns the value now in effect."""
@@ -308,7 +309,7 @@ class TrainableModel:
 
     def set_proximal_mu(self, proximal_mu: float) -> float:
         """Set FedProx's proximal strength (artifacts converted with proximal=True); returns it."""
-        if not self._manifest.get("proximal"):
+        if not self._manifest.proximal:
             raise ValueError("this artifact has no proximal term: convert it with proximal=True for FedProx")
         if not math.isfinite(proximal_mu) or proximal_mu < 0:
             raise ValueError(f"proximal_mu must be finite and >= 0, got {proximal_mu!r}")

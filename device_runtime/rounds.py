@@ -1,22 +1,41 @@
-"""A device's round rules, however it is driven: whether to train a task, its time budget, checks, the update.
+"""A device's round without I/O: which tasks to take, what to fetch, how to train, the update to send.
 
-The MQTT device agent and the fleet simulator's emulated devices follow the same rules.
+`DeviceRound` is the one implementation of a round (task in -> fetches needed -> train ->
+update out). Three drivers wrap it with their own I/O: the MQTT device agent (a thread),
+the fleet simulator's emulated devices (asyncio) and the in-process executor's workers
+(files). tests/conformance holds vectors any client, Python or not, can be checked against.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import uuid
-from collections.abc import Container, Mapping
-from typing import Any
+from collections.abc import Container, Sequence
+from dataclasses import dataclass
+
+import numpy as np
 
 from device_runtime.artifact import ArtifactError, verify_content_hash
-from device_runtime.protocol import ModelUpdate, ProtocolError, Task, decode_task, encode_update, is_selected
-from device_runtime.protocol.topics import hash_hex
+from device_runtime.data import LocalData
+from device_runtime.model import TrainableModel
+from device_runtime.protocol import (ModelUpdate, ProtocolError, Task, decode_task, decode_weights, encode_update,
+                                     is_selected, payload_hash)
+from device_runtime.protocol.topics import hash_hex, model_topic, weights_topic
 from device_runtime.signing import SignatureError, TaskVerifier
-from device_runtime.training import LocalResult
+from device_runtime.training import LocalResult, train_locally
 
 logger = logging.getLogger(__name__)
+
+
+def device_shuffle_seed(task_seed: int, device_id: str) -> int:
+    """The shuffle seed of one device in one round: a 63-bit hash of the task's seed and the device id."""
+    digest = hashlib.sha256(f"{task_seed}:{device_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+# -- which tasks a device takes ---------------------------------------------------------------------
 
 
 def round_key(task: Task) -> tuple[str, int]:
@@ -59,31 +78,85 @@ def task_to_train(payload: bytes, device_id: str, started_rounds: Container[tupl
     return (None, f"round {task.round}: {reason}") if reason else (task, None)
 
 
-def training_budget(task: Task, now: float) -> float:
-    """Seconds of training the task allows from `now`: its max_seconds capped by the time left to the deadline."""
-    time_left = task.deadline - now
-    return max(0.0, time_left if task.max_seconds is None else min(task.max_seconds, time_left))
+# -- one round ----------------------------------------------------------------------------------
 
 
-def proximal_strength(proximal_mu: float | None, manifest: Mapping[str, Any]) -> float | None:
-    """The FedProx mu to train with: the task's, or 0 for a proximal artifact when the task gives none
-    (an interpreter reused across rounds may still hold an earlier task's mu)."""
-    if proximal_mu is None and manifest.get("proximal"):
-        return 0.0
-    return proximal_mu
+@dataclass(frozen=True)
+class Fetch:
+    """A retained payload a round needs: the model (its topic names its hash) or the round's global weights."""
+
+    what: str
+    topic: str
+    digest: str  # the model's content hash, or the SHA-256 of the weights payload
+
+    def matches(self, payload: bytes) -> bool:
+        """Whether `payload` is the one awaited (a model is checked in full by DeviceRound.check_model)."""
+        return bool(payload) and (self.what == "model" or payload_hash(payload) == self.digest)
 
 
-def checked_model(payload: bytes, task: Task) -> bytes:
-    """The artifact fetched for `task` if its content hash verifies and is the task's; ArtifactError otherwise."""
-    actual = verify_content_hash(payload)
-    if hash_hex(actual) != hash_hex(task.model_hash):
-        raise ArtifactError(f"the task names {task.model_hash} but the artifact's content hash is {actual}")
-    return payload
+@dataclass
+class RoundOutcome:
+    """A trained round: the update as sent, its encoded payload, and what local training measured."""
+
+    update: ModelUpdate
+    payload: bytes
+    result: LocalResult
 
 
-def round_update(fleet: str, device_id: str, task: Task, result: LocalResult) -> tuple[ModelUpdate, bytes]:
-    """The update of one trained round (with a fresh update id) and its payload in the task's encoding."""
-    update = ModelUpdate(fleet=fleet, round=task.round, device_id=device_id, update_id=uuid.uuid4().hex,
-                         model_hash=task.model_hash, num_examples=result.num_examples, metrics=result.metrics,
-                         tensors=result.delta)
-    return update, encode_update(update, task.encoding, task.topk)
+class DeviceRound:
+    """One device's round of one task, without I/O: the driver fetches what `fetches` names, then calls `train`."""
+
+    def __init__(self, fleet: str, device_id: str, task: Task) -> None:
+        """The round `task` asks of `device_id` in `fleet` (the driver decided to take it: task_to_train)."""
+        self.fleet, self.device_id, self.task = fleet, device_id, task
+        self.model_fetch = Fetch("model", model_topic(fleet, task.model_hash), task.model_hash)
+        self.weights_fetch = None if task.weights_hash is None else Fetch(
+            "global weights", weights_topic(fleet), task.weights_hash)
+
+    def fetches(self, model_held: bool) -> list[Fetch]:
+        """What to download, in order: the model unless the device holds it, then the global weights if named."""
+        needed = [] if model_held else [self.model_fetch]
+        return needed + ([] if self.weights_fetch is None else [self.weights_fetch])
+
+    def check_model(self, payload: bytes) -> bytes:
+        """The fetched artifact if its content hash verifies and is the task's; ArtifactError otherwise."""
+        actual = verify_content_hash(payload)
+        if hash_hex(actual) != hash_hex(self.task.model_hash):
+            raise ArtifactError(f"the task names {self.task.model_hash} but the artifact's content hash is {actual}")
+        return payload
+
+    def global_weights(self, payload: bytes, model: TrainableModel) -> list[np.ndarray]:
+        """The fetched global weights, checked against the task's hash and the model; ProtocolError otherwise."""
+        if self.weights_fetch is None or not self.weights_fetch.matches(payload):
+            raise ProtocolError(f"the global weights do not hash to the task's {self.task.weights_hash}")
+        return decode_weights(payload, model.manifest, fleet=self.fleet).tensors
+
+    def time_budget(self, now: float) -> float | None:
+        """Seconds of training the task allows from unix time `now`: max_seconds capped by the deadline (None: no cap)."""
+        limit = self.task.deadline - now
+        if self.task.work.max_seconds is not None:
+            limit = min(limit, self.task.work.max_seconds)
+        return None if math.isinf(limit) else max(0.0, limit)
+
+    def train(self, model: TrainableModel, data: LocalData, global_weights: Sequence[np.ndarray] | None,
+              max_seconds: float | None) -> RoundOutcome:
+        """Train as the task says from `global_weights` (None: the model's initial weights, which the driver keeps
+        in `model`), within `max_seconds`, and encode the update; a device with no data sends a zero update."""
+        work = self.task.work
+        if data.num_examples == 0:
+            result = LocalResult([np.zeros_like(w) for w in global_weights or model.get_weights()], 0,
+                                 {name: 0.0 for name in model.manifest.metrics.variables}, 0, 0.0, False)
+        else:
+            proximal_mu = work.proximal_mu
+            if proximal_mu is None and model.manifest.proximal:
+                proximal_mu = 0.0  # an interpreter reused across rounds may hold an earlier task's mu
+            result = train_locally(
+                model, data, epochs=work.epochs, max_steps=work.max_steps, max_seconds=max_seconds,
+                shuffle_seed=None if self.task.seed is None else device_shuffle_seed(self.task.seed, self.device_id),
+                learning_rate=model.manifest.optimizer.learning_rate if work.learning_rate is None
+                else work.learning_rate,
+                initial_weights=global_weights, proximal_mu=proximal_mu)
+        update = ModelUpdate(fleet=self.fleet, round=self.task.round, device_id=self.device_id,
+                             update_id=uuid.uuid4().hex, model_hash=self.task.model_hash,
+                             num_examples=result.num_examples, metrics=result.metrics, tensors=result.delta)
+        return RoundOutcome(update, encode_update(update, work.encoding, work.topk), result)

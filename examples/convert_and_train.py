@@ -42,7 +42,7 @@ def main() -> None:
     path = result.save(Path(args.out) / "digits_cnn.tflite")
     operators = list_operators(result.tflite_bytes)
     print(f"converted in {time.perf_counter() - started:.1f} s -> {path} ({len(result.tflite_bytes):,} bytes, "
-          f"{result.manifest['num_parameters']:,} parameters, {len(operators)} operator kinds, "
+          f"{result.manifest.num_parameters:,} parameters, {len(operators)} operator kinds, "
           f"builtin only: {all(op.builtin for op in operators)})")
 
     model = TrainableModel(result.tflite_bytes)

@@ -42,7 +42,7 @@ def sample_text(model: TrainableModel, prompt: str, length: int, temperature: fl
     The model is causal, so the logits at the last real position of a window depend on that
     window alone: each step runs the last seq_length ids, PAD-filled after them.
     """
-    seq_length, rows = model.manifest["input"]["shape"][0], model.batch_size
+    seq_length, rows = model.manifest.input.shape[0], model.batch_size
     streams = np.tile(np.concatenate([[shakespeare.BOS_ID], shakespeare.encode(prompt)]), (rows, 1))
     for _ in range(length):
         context = streams[:, -seq_length:]

@@ -1,8 +1,9 @@
-"""The `fedge` command: `fedge convert` lowers a saved Keras model, `fedge inspect` reads an artifact,
-`fedge serve` runs federated rounds over MQTT, `fedge broker-config` and `fedge signing-key` secure a fleet.
+"""The `fedge` command: `fedge new` starts a job, `fedge simulate` runs it on an emulated fleet, `fedge serve`
+runs it with real devices over MQTT, `fedge convert` lowers a saved Keras model, `fedge inspect` reads an
+artifact, `fedge broker-config` and `fedge signing-key` secure a fleet.
 
-TensorFlow is imported only by `convert`, `simulate` and `serve` of a `.keras` model; `serve` of a `.tflite`
-and `inspect` need the device-side dependencies alone.
+TensorFlow is imported only where a model is converted (`convert`, and `simulate` or `serve` of a job whose
+model is not a `.tflite`); `serve` of a `.tflite` and `inspect` need the device-side dependencies alone.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Any, Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before any command imports TensorFlow
 
 from device_runtime.artifact import ArtifactError, list_operators, list_signatures, read_manifest, verify_content_hash
-from device_runtime.cli import add_broker_credentials, broker_password, positive
-from fedge.simulate import add_arguments as add_simulate_arguments
-
+from fedge import new_job
+from fedge.job.spec import LOSSES
+from fedge.server import serve
+from fedge import simulate
 
 _CROSS_ENTROPY_CLASSES = {"sparse_categorical_crossentropy": "SparseCategoricalCrossentropy",
                           "categorical_crossentropy": "CategoricalCrossentropy",
@@ -56,8 +58,8 @@ def convert_command(args: argparse.Namespace) -> int:
         return 2
     output = Path(args.output or Path(args.model).with_suffix(".tflite"))
     result.save(output)
-    print(f"wrote {output} ({len(result.tflite_bytes):,} bytes, {result.manifest['num_parameters']:,} parameters, "
-          f"batch {result.manifest['batch_size']}, {result.manifest['content_hash']})")
+    print(f"wrote {output} ({len(result.tflite_bytes):,} bytes, {result.manifest.num_parameters:,} parameters, "
+          f"batch {result.manifest.batch_size}, {result.manifest.content_hash})")
     return 0
 
 
@@ -71,7 +73,7 @@ def inspect_report(model_bytes: bytes) -> dict[str, Any]:
         hash_status, hash_ok = f"MISMATCH: {error}", False
     return {
         "size_bytes": len(model_bytes),
-        "num_parameters": manifest.get("num_parameters"),
+        "num_parameters": manifest.num_parameters,
         "builtin_only": all(op.builtin for op in operators),
         "content_hash": hash_status,
         "content_hash_ok": hash_ok,
@@ -80,7 +82,7 @@ def inspect_report(model_bytes: bytes) -> dict[str, Any]:
                        for s in list_signatures(model_bytes)},
         "operators": {op.name: op.count for op in operators},
         "non_builtin_operators": [op.name for op in operators if not op.builtin],
-        "manifest": manifest,
+        "manifest": dict(manifest.json),
     }
 
 
@@ -115,88 +117,6 @@ def inspect_command(args: argparse.Namespace) -> int:
     else:
         _print_report(args.file, report)
     return 0 if report["builtin_only"] and report["content_hash_ok"] else 1
-
-
-def serve_command(args: argparse.Namespace) -> int:
-    """Run the federated server (fedge.server.serve); imported here so the other commands stay light."""
-    from fedge.server.serve import serve
-
-    try:
-        password = broker_password(args)
-    except ValueError as error:
-        print(f"fedge serve: error: {error}", file=sys.stderr)
-        return 2
-    return serve(args, password)
-
-
-def add_aggregator_arguments(parser: argparse.ArgumentParser) -> None:
-    """The aggregator options of `fedge serve` and `fedge simulate` (fedge.server.serve.model_aggregator reads them)."""
-    parser.add_argument("--aggregator", choices=["mean", "median", "trimmed_mean"], default="mean",
-                        help="how updates are combined: the weighted mean (FedAvg), or the coordinate-wise median or "
-                             "trimmed mean, which resist poisoned updates but hold every update of a round in memory "
-                             "(default: %(default)s)")
-    parser.add_argument("--trim-fraction", type=float, metavar="F",
-                        help="trimmed_mean: the fraction of reports dropped at each end of every coordinate, "
-                             "in [0, 0.5) (default: 0.1)")
-    parser.add_argument("--clip-norm", type=positive(float), metavar="S",
-                        help="clip every update to L2 norm S before aggregating (with DP: DP-FedAvg's clip)")
-    parser.add_argument("--dp-noise-multiplier", type=positive(float), metavar="Z",
-                        help="DP-FedAvg: Gaussian noise of std Z*S on the sum of clipped updates, divided by "
-                             "--clients-per-round; needs --clip-norm; epsilon goes into the metrics log")
-    parser.add_argument("--dp-delta", type=float, metavar="DELTA",
-                        help="the delta epsilon is reported at (default: 1e-5)")
-    parser.add_argument("--dp-population", type=positive(int), metavar="N",
-                        help="devices in the fleet: epsilon counts sampling K of N per round (default: every round "
-                             "counts as if every device took part)")
-
-
-def _add_serve_parser(commands: Any) -> None:
-    """`fedge serve`'s arguments."""
-    serve = commands.add_parser("serve", help="run federated rounds over MQTT (resumes from its checkpoint)")
-    serve.add_argument("model", help="a trainable .tflite artifact, or a .keras model to convert first")
-    serve.add_argument("--broker", required=True, metavar="URL", help="mqtt://host[:port] or mqtts://host[:port]")
-    serve.add_argument("--fleet", required=True, help="fleet id: topics live under fedge/<fleet>/")
-    serve.add_argument("--rounds", type=positive(int), required=True, help="round ids to run (a failed round uses one)")
-    serve.add_argument("--clients-per-round", type=positive(int), required=True, metavar="K",
-                       help="reports that close a round (the goal)")
-    serve.add_argument("--min-reports", type=positive(int), default=1, metavar="M",
-                       help="reports a round needs by its deadline, else it fails (default: %(default)s)")
-    serve.add_argument("--deadline", type=positive(float), default=60.0, metavar="S",
-                       help="seconds from the task to the reporting deadline (default: %(default)s)")
-    serve.add_argument("--over-selection", type=float, default=1.3,
-                       help="select ceil(this * K) available devices (default: %(default)s)")
-    serve.add_argument("--encoding", choices=["float32", "float16", "int8"], default="float32",
-                       help="how devices encode their updates (default: %(default)s)")
-    serve.add_argument("--topk", type=float, help="top-k sparsification of updates: the fraction of entries kept")
-    serve.add_argument("--checkpoint-dir", required=True, metavar="DIR",
-                       help="the state after every round (state.npz); resumed from on start")
-    serve.add_argument("--metrics-log", metavar="FILE", help="JSON lines, one per round (appended)")
-    serve.add_argument("--learning-rate", type=positive(float),
-                       help="client learning rate (default: the artifact's; 0.01 when converting)")
-    serve.add_argument("--local-epochs", type=positive(int), default=1, help="default: %(default)s")
-    serve.add_argument("--max-steps", type=positive(int), help="cap on each device's training steps per round")
-    serve.add_argument("--max-seconds", type=positive(float), help="cap on each device's training time per round")
-    serve.add_argument("--seed", type=int, default=0, help="selection and shuffling seed (default: %(default)s)")
-    serve.add_argument("--client-weighting", choices=["num_examples", "uniform"], default="num_examples")
-    serve.add_argument("--server-optimizer", choices=["sgd", "adam", "yogi", "adagrad"], default="sgd")
-    serve.add_argument("--server-learning-rate", type=positive(float),
-                       help="default: 1.0 for sgd, 0.01 for the adaptive optimizers")
-    serve.add_argument("--server-momentum", type=float, default=0.0, help="sgd momentum (FedAvgM)")
-    add_aggregator_arguments(serve)
-    serve.add_argument("--eval-data", metavar="NPZ", help="held-out examples (x, y) evaluated in-process")
-    serve.add_argument("--eval-every", type=positive(int), default=1, metavar="N",
-                       help="evaluate every N rounds and after the last (default: %(default)s)")
-    serve.add_argument("--checkin-timeout", type=positive(float), default=30.0, metavar="S",
-                       help="how long to wait for enough devices before selecting (default: %(default)s)")
-    serve.add_argument("--loss", choices=["sparse_categorical_crossentropy", "categorical_crossentropy",
-                                          "binary_crossentropy", "mean_squared_error"], help="for a .keras model")
-    serve.add_argument("--batch-size", type=positive(int), help="for a .keras model")
-    add_broker_credentials(serve)
-    serve.add_argument("--signing-key", metavar="PEM",
-                       help="Ed25519 private key that signs every task (fedge signing-key); devices verify with its "
-                            "public key")
-    serve.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    serve.set_defaults(run=serve_command)
 
 
 def signing_key_command(args: argparse.Namespace) -> int:
@@ -262,13 +182,6 @@ def _add_security_parsers(commands: Any) -> None:
     signing.set_defaults(run=signing_key_command)
 
 
-def simulate_command(args: argparse.Namespace) -> int:
-    """Run the main job (fedge.simulate)."""
-    from fedge.simulate import run
-
-    return run(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedge", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -276,8 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert", help="lower a saved Keras model (.keras) to a trainable .tflite")
     convert.add_argument("model", help="a model saved with model.save('model.keras')")
     convert.add_argument("-o", "--output", help="output .tflite path (default: the model's path with .tflite)")
-    convert.add_argument("--loss", required=True, choices=["sparse_categorical_crossentropy", "categorical_crossentropy",
-                                                           "binary_crossentropy", "mean_squared_error"])
+    convert.add_argument("--loss", required=True, choices=LOSSES)
     convert.add_argument("--from-logits", action="store_true", help="the model outputs logits (cross-entropy losses)")
     convert.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     convert.add_argument("--learning-rate", type=float, default=0.01)
@@ -291,18 +203,26 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--name", help="model name recorded in the manifest")
     convert.set_defaults(run=convert_command)
 
-    simulate = commands.add_parser("simulate", help="the main job: a federated simulation of a device fleet "
-                                   "(embedded broker, server, simulated devices) with a report folder")
-    add_simulate_arguments(simulate)
-    add_aggregator_arguments(simulate)
-    simulate.set_defaults(run=simulate_command)
+    new = commands.add_parser("new", help="write a job folder to start from: a commented job.toml, a tiny model "
+                              "and data, so `fedge simulate DIR/job.toml` runs at once")
+    new_job.add_arguments(new)
+    new.set_defaults(run=new_job.new_command)
+
+    simulated = commands.add_parser("simulate", help="run a job on an emulated device fleet (embedded broker, "
+                                    "server, simulated devices) and write a report folder; without a job file, "
+                                    "the bundled digits job")
+    simulate.add_arguments(simulated)
+    simulated.set_defaults(run=simulate.simulate_command)
 
     inspect = commands.add_parser("inspect", help="show an artifact's signatures, operators and manifest")
     inspect.add_argument("file")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.set_defaults(run=inspect_command)
 
-    _add_serve_parser(commands)
+    served = commands.add_parser("serve", help="run a job's rounds with real devices over MQTT (resumes from its "
+                                 "checkpoint)")
+    serve.add_arguments(served)
+    served.set_defaults(run=serve.serve_command)
     _add_security_parsers(commands)
     return parser
 

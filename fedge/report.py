@@ -1,8 +1,9 @@
-"""The report folder of a simulation: per-round plots, the metrics file and the final model.
+"""The report folder of a simulation: per-round plots and the final model, beside the server's metrics log.
 
-Writes `metrics.jsonl` (one JSON object per round), `accuracy_loss.png`, `round_durations.png`,
-`participation.png`, `final_model.keras` (the trained Keras model) and `final_model.tflite`
-(a plain inference model, builtin ops, for deployment without the training signatures).
+The server appends `metrics.jsonl` (one JSON object per round) as rounds end; at the end the
+report adds `accuracy_loss.png`, `round_durations.png`, `participation.png` and, for a Keras
+model, `final_model.keras` (the trained model) and `final_model.tflite` (a plain inference
+model, builtin ops, for deployment without the training signatures).
 `claim_report_folder` decides whether a folder may become (or be replaced by) a report.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 
 SIMULATION_LOG = "simulation.log"
+METRICS_LOG = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 REPORT_MARKER = ".fedge-report"
 # Everything a report folder may hold: only a folder of these, with the marker, is ever replaced.
-REPORT_ENTRIES = frozenset({REPORT_MARKER, SIMULATION_LOG, CHECKPOINTS, "metrics.jsonl", "accuracy_loss.png",
+REPORT_ENTRIES = frozenset({REPORT_MARKER, SIMULATION_LOG, CHECKPOINTS, METRICS_LOG, "accuracy_loss.png",
                             "round_durations.png", "participation.png", "final_model.keras", "final_model.tflite"})
 
 
@@ -51,18 +52,6 @@ def claim_report_folder(path: Path) -> Path:
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     path.mkdir(parents=True, exist_ok=True)
     (path / REPORT_MARKER).write_text("a fedge simulate report; the next run into this folder replaces it\n")
-    return path
-
-
-ROUND_FIELDS = ("round", "seconds", "selected", "accepted", "dropped", "bytes_up", "bytes_down",
-                "train_loss", "train_accuracy", "eval_loss", "eval_accuracy")
-
-
-def write_metrics(path: Path, rounds: Sequence[dict[str, Any]]) -> Path:
-    """One JSON line per round."""
-    with open(path, "w") as out:
-        for record in rounds:
-            out.write(json.dumps(record, sort_keys=True) + "\n")
     return path
 
 
@@ -131,10 +120,12 @@ def save_final_model(out_dir: Path, keras_model: Any, weights: Sequence[np.ndarr
     return keras_path, tflite_path
 
 
-def write_report(out_dir: str | Path, rounds: Sequence[dict[str, Any]], keras_model: Any,
+def write_report(out_dir: str | Path, rounds: Sequence[dict[str, Any]], keras_model: Any | None,
                  weights: Sequence[np.ndarray]) -> list[Path]:
-    """Everything at once; returns the files written."""
+    """The plots, and the final model when the job's model is a Keras model; returns the files written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return [write_metrics(out / "metrics.jsonl", rounds), *plot_rounds(out, rounds),
-            *save_final_model(out, keras_model, weights)]
+    written = plot_rounds(out, rounds)
+    if keras_model is not None:
+        written.extend(save_final_model(out, keras_model, weights))
+    return written

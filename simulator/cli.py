@@ -1,4 +1,8 @@
-"""`fedge simulate` (also `python -m simulator`): run a scenario's fleet against a broker until stopped."""
+"""`python -m simulator`: run the fleet of a scenario or a job file against a broker until stopped.
+
+`fedge simulate JOB.toml` runs a whole job (broker, server and fleet); this runs only its devices, for a
+server started elsewhere (`fedge serve JOB.toml`), or the devices of a plain scenario file.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ import resource
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from device_runtime.cli import LOG_LEVELS, add_broker_credentials, broker_password, positive, stop_on_signals
 
@@ -20,12 +25,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger("simulator.cli")
 
 
-DESCRIPTION = "Emulate a fleet of edge devices (a scenario file) as real MQTT clients against a broker."
+DESCRIPTION = ("Emulate a fleet of edge devices (a scenario file, or a job file's [fleet] holding its [data]) as "
+               "real MQTT clients against a broker.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The simulator's arguments, on its own parser or on `fedge simulate`'s subparser."""
-    parser.add_argument("scenario", help="scenario TOML file (e.g. simulator/scenarios/digits.toml)")
+    parser.add_argument("scenario", help="a scenario file (e.g. simulator/scenarios/fleet_1000.toml) or a job file")
     parser.add_argument("--broker", required=True, metavar="URL", help="mqtt://host[:port] or mqtts://host[:port]")
     add_broker_credentials(parser, username_help="MQTT user name of every device")
     parser.add_argument("--server-public-key", metavar="PEM",
@@ -40,14 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="logging verbosity (default: %(default)s)")
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "fedge simulate") -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m simulator") -> int:
     """Parse the arguments and run the fleet (see run)."""
     parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
     add_arguments(parser)
     return run(parser.parse_args(argv), prog)
 
 
-def run(args: argparse.Namespace, prog: str = "fedge simulate") -> int:
+def run(args: argparse.Namespace, prog: str = "python -m simulator") -> int:
     """Run the fleet until the duration ends or SIGTERM/SIGINT; 0 after a clean stop, 2 for bad arguments."""
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -56,16 +62,15 @@ def run(args: argparse.Namespace, prog: str = "fedge simulate") -> int:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
 
-    from device_runtime.signing import load_public_key
-    from simulator.fleet import Fleet  # after parsing: --help stays fast
+    from device_runtime.signing import load_public_key  # after parsing: --help stays fast
 
     try:
         public_key = None if args.server_public_key is None else load_public_key(args.server_public_key)
-        fleet = Fleet.from_scenario(args.scenario, args.broker, username=args.username, password=password,
-                                    tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                                    workers=args.workers, server_public_key=public_key)
+        fleet = _fleet(args.scenario, args.broker, username=args.username, password=password, tls_ca=args.tls_ca,
+                       tls_cert=args.tls_cert, tls_key=args.tls_key, workers=args.workers,
+                       server_public_key=public_key)
     except (ValueError, TypeError, OSError) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        print("\n".join(f"{prog}: error: {line}" for line in str(error).splitlines()), file=sys.stderr)
         return 2
 
     stop = stop_on_signals()
@@ -94,6 +99,17 @@ def run(args: argparse.Namespace, prog: str = "fedge simulate") -> int:
         with open(args.stats, "w") as f:
             json.dump({device: dataclasses.asdict(stats) for device, stats in fleet.stats().items()}, f, indent=1)
     return 0
+
+
+def _fleet(path: str, broker_url: str, **options: Any) -> Fleet:
+    """The fleet of a job file (it has a [model]) or of a scenario file."""
+    from fedge.job.load import load_job
+    from fedge.tables import read_toml
+    from simulator.fleet import Fleet
+
+    if "model" in read_toml(Path(path), "scenario or job"):
+        return Fleet.from_job(load_job(path), broker_url, **options)
+    return Fleet.from_scenario(path, broker_url, **options)
 
 
 def _progress(fleet: Fleet, elapsed: float) -> str:

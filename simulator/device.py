@@ -15,19 +15,18 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from device_runtime.agent import MODEL_FETCH_TIMEOUT_S, PUBLISH_TIMEOUT_S, device_shuffle_seed
+from device_runtime.agent import MODEL_FETCH_TIMEOUT_S, PUBLISH_TIMEOUT_S
 from device_runtime.artifact import ArtifactError
 from device_runtime.connection import RECONNECT_MAX_DELAY_S, RECONNECT_MIN_DELAY_S, BrokerAddress, TlsFiles
 from device_runtime.data import LocalData
 from device_runtime.model_cache import DEFAULT_MAX_MODELS
 from device_runtime.protocol import ProtocolError, Task, encode_status
-from device_runtime.protocol.topics import model_topic, status_topic, task_topic, update_topic, weights_topic
-from device_runtime.rounds import round_key, skip_reason, supersedes, task_to_train, training_budget
+from device_runtime.protocol.topics import status_topic, task_topic, update_topic
+from device_runtime.rounds import DeviceRound, Fetch, round_key, skip_reason, supersedes, task_to_train
 from device_runtime.signing import Ed25519PublicKey, TaskVerifier
 from simulator.network import LoopClient, LoopThread
 from simulator.scenario import DeviceProfile
@@ -276,7 +275,8 @@ class SimulatedDevice:
     async def _run_round(self, task: Task) -> None:
         """Fetch the model and weights, maybe vanish, train (stretched by the speed factor), upload the update."""
         group = self.profile.group
-        if not await self._model_for(task):
+        device_round = DeviceRound(self._context.fleet, self.device_id, task)
+        if not await self._model_for(device_round):
             self.stats.rounds_failed += 1
             return
         if round_key(task) in self._started_rounds:
@@ -284,8 +284,8 @@ class SimulatedDevice:
         self._started_rounds.add(round_key(task))
         self._training_round = task.round
         initial_weights = None
-        if task.weights_hash is not None:
-            initial_weights = await self._global_weights(task)
+        if device_round.weights_fetch is not None:
+            initial_weights = await self._global_weights(device_round)
             if initial_weights is None:
                 self.stats.rounds_failed += 1
                 return
@@ -298,15 +298,14 @@ class SimulatedDevice:
             self._vanish()
             return
         submitted = time.monotonic()
-        budget = training_budget(task, time.time()) / group.speed
-        result, payload = await self._context.trainer.train(
-            self.device_id, self._context.fleet, self._data, task, device_shuffle_seed(task.seed, self.device_id),
-            initial_weights, budget)
+        budget = device_round.time_budget(time.time())
+        outcome = await self._context.trainer.train(device_round, self._data, initial_weights,
+                                                    None if budget is None else budget / group.speed)
         self.stats.rounds_trained += 1
-        await asyncio.sleep(max(0.0, group.speed * result.seconds - (time.monotonic() - submitted)))
-        await asyncio.sleep(_transfer_seconds(len(payload), group.upload))
-        acked = self._client.publish(update_topic(self._context.fleet, self.device_id), payload)
-        self.stats.bytes_up += len(payload)
+        await asyncio.sleep(max(0.0, group.speed * outcome.result.seconds - (time.monotonic() - submitted)))
+        await asyncio.sleep(_transfer_seconds(len(outcome.payload), group.upload))
+        acked = self._client.publish(update_topic(self._context.fleet, self.device_id), outcome.payload)
+        self.stats.bytes_up += len(outcome.payload)
         try:
             await asyncio.wait_for(asyncio.shield(acked), PUBLISH_TIMEOUT_S)
             self.stats.updates_published += 1
@@ -321,20 +320,21 @@ class SimulatedDevice:
             return False
         return np.random.default_rng([self._context.seed, self.profile.index, task.round]).random() < dropout
 
-    async def _model_for(self, task: Task) -> bool:
-        """Make sure the task's model is held: from the device's cache, else fetched from its retained topic."""
-        if task.model_hash in self._models and self._context.trainer.has_model(task.model_hash):
+    async def _model_for(self, device_round: DeviceRound) -> bool:
+        """Make sure the round's model is held: from the device's cache, else fetched from its retained topic."""
+        task, trainer = device_round.task, self._context.trainer
+        if task.model_hash in self._models and trainer.has_model(task.model_hash):
             self._models.move_to_end(task.model_hash)
             self.stats.models_from_cache += 1
             return True
-        topic = model_topic(self._context.fleet, task.model_hash)
-        payload = await self._download(task, topic, "model")
+        payload = await self._download(task, device_round.model_fetch)
         if payload is None:
             return False
         try:
-            await self._context.trainer.add_model(payload, task)
+            await trainer.add_model(payload, device_round)
         except ArtifactError as error:
-            logger.error("%s: round %d: refusing the model on %s: %s", self.device_id, task.round, topic, error)
+            logger.error("%s: round %d: refusing the model on %s: %s", self.device_id, task.round,
+                         device_round.model_fetch.topic, error)
             return False
         self._models[task.model_hash] = None
         while len(self._models) > DEFAULT_MAX_MODELS:
@@ -342,39 +342,37 @@ class SimulatedDevice:
         self.stats.models_downloaded += 1
         return True
 
-    async def _global_weights(self, task: Task) -> list[np.ndarray] | None:
-        """The round's global weights named by the task, or None when they do not arrive or are refused."""
-        trainer = self._context.trainer
-        payload = await self._download(task, weights_topic(self._context.fleet), "global weights",
-                                       lambda payload: trainer.is_payload(payload, task.weights_hash))
+    async def _global_weights(self, device_round: DeviceRound) -> list[np.ndarray] | None:
+        """The round's global weights, or None when they do not arrive or are refused."""
+        payload = await self._download(device_round.task, device_round.weights_fetch)
         if payload is None:
             return None
         try:
-            return await trainer.global_weights(payload, task, self._context.fleet)
+            return await self._context.trainer.global_weights(payload, device_round)
         except ProtocolError as error:
-            logger.error("%s: round %d: refusing the global weights: %s", self.device_id, task.round, error)
+            logger.error("%s: round %d: refusing the global weights: %s", self.device_id, device_round.task.round,
+                         error)
             return None
 
-    async def _download(self, task: Task, topic: str, what: str,
-                        accept: Callable[[bytes], Awaitable[bool]] | None = None) -> bytes | None:
-        """Subscribe to a retained topic and wait (until the deadline or a timeout) for the payload `accept` takes."""
+    async def _download(self, task: Task, fetch: Fetch) -> bytes | None:
+        """Subscribe to a fetch's retained topic and wait (until the deadline or a timeout) for its payload."""
         queue: asyncio.Queue[bytes] = asyncio.Queue()
-        self._fetches[topic] = queue
-        self._client.subscribe([topic])
+        self._fetches[fetch.topic] = queue
+        self._client.subscribe([fetch.topic])
         wait = max(0.0, min(MODEL_FETCH_TIMEOUT_S, task.deadline - time.time()))
         end = time.monotonic() + wait
         try:
             while True:
                 payload = await asyncio.wait_for(queue.get(), max(0.0, end - time.monotonic()))
-                if accept is None or await accept(payload):
+                if await self._context.trainer.matches(fetch, payload):
                     break
         except asyncio.TimeoutError:
-            logger.error("%s: round %d: the %s did not arrive on %s within %.0f s", self.device_id, task.round, what,
-                         topic, wait)
+            logger.error("%s: round %d: the %s did not arrive on %s within %.0f s", self.device_id, task.round,
+                         fetch.what, fetch.topic, wait)
             return None
         finally:
-            del self._fetches[topic]
-            self._client.unsubscribe(topic)
+            del self._fetches[fetch.topic]
+            self._client.unsubscribe(fetch.topic)
         self.stats.bytes_down += len(payload)
         await asyncio.sleep(_transfer_seconds(len(payload), self.profile.group.download))
         return payload

@@ -24,6 +24,7 @@ from simulator.trainer import TrainerPool
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from fedge.job.spec import Job
     from fedge.simulation.datasets import ClientData
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,12 @@ class Fleet:
         if client_data is None:
             client_data, _ = scenario.load_data()
         return cls(scenario, broker_url, client_data, **options)
+
+    @classmethod
+    def from_job(cls, job: Job, broker_url: str, **options: Any) -> Fleet:
+        """The fleet of a job ([fleet] groups), each device holding one client of its [data] (seeded choice)."""
+        client_data, _ = job.data.load(job.fleet.num_devices, job.rounds.seed)
+        return cls(job.fleet.scenario(job.rounds.seed), broker_url, client_data, **options)
 
     @property
     def device_ids(self) -> list[str]:

@@ -2,7 +2,7 @@
 
 An emulated device does not own an interpreter: when it is selected it hands its data, its
 task and its starting weights to the pool, and whichever worker is free trains on its behalf
-with `device_runtime.train_locally`, restoring everything a fresh interpreter would have
+with the device's `DeviceRound`, restoring everything a fresh interpreter would have
 (weights, learning rate, optimizer slots, metrics), so the delta is the one the device would
 compute alone. The interpreter releases the GIL while it runs, so workers train in parallel.
 Artifacts (verified once) and decoded global weights are shared, not held per device.
@@ -23,9 +23,7 @@ import numpy as np
 from device_runtime.data import LocalData
 from device_runtime.model import TrainableModel
 from device_runtime.model_cache import DEFAULT_MAX_MODELS
-from device_runtime.protocol import Task, decode_weights, payload_hash
-from device_runtime.rounds import checked_model, proximal_strength, round_update
-from device_runtime.training import LocalResult, train_locally
+from device_runtime.rounds import DeviceRound, Fetch, RoundOutcome
 
 _WEIGHTS_KEPT = 2
 _T = TypeVar("_T")
@@ -33,11 +31,10 @@ _T = TypeVar("_T")
 
 @dataclass
 class _Loaded:
-    """An artifact in one worker's interpreter, with what a fresh interpreter would start from."""
+    """An artifact in one worker's interpreter, with the weights a fresh interpreter would start from."""
 
     model: TrainableModel
     initial_weights: list[np.ndarray]
-    learning_rate: float
 
 
 class TrainerPool:
@@ -57,27 +54,28 @@ class TrainerPool:
         with self._lock:
             return model_hash in self._artifacts
 
-    async def add_model(self, payload: bytes, task: Task) -> None:
-        """Verify a fetched artifact against the task (ArtifactError if refused) and keep it."""
-        await self._run(checked_model, payload, task)
+    async def add_model(self, payload: bytes, device_round: DeviceRound) -> None:
+        """Verify a fetched artifact against the round's task (ArtifactError if refused) and keep it."""
+        await self._run(device_round.check_model, payload)
+        model_hash = device_round.task.model_hash
         with self._lock:
-            self._artifacts[task.model_hash] = payload
-            self._artifacts.move_to_end(task.model_hash)
+            self._artifacts[model_hash] = payload
+            self._artifacts.move_to_end(model_hash)
             while len(self._artifacts) > DEFAULT_MAX_MODELS:
                 self._artifacts.popitem(last=False)
 
-    async def is_payload(self, payload: bytes, expected_hash: str) -> bool:
-        """Whether `payload` hashes to `expected_hash` (the task's weights_hash)."""
-        return await self._run(lambda: payload_hash(payload) == expected_hash)
+    async def matches(self, fetch: Fetch, payload: bytes) -> bool:
+        """Whether `payload` is the one `fetch` awaits (hashing a large payload off the loop thread)."""
+        return await self._run(fetch.matches, payload)
 
-    async def global_weights(self, payload: bytes, task: Task, fleet: str) -> list[np.ndarray]:
-        """The tensors of a verified global-weights payload, decoded once for the whole fleet (ProtocolError if bad)."""
-        return await self._run(self._decoded_weights, payload, task, fleet)
+    async def global_weights(self, payload: bytes, device_round: DeviceRound) -> list[np.ndarray]:
+        """The round's global weights, decoded once for the whole fleet (ProtocolError if refused)."""
+        return await self._run(self._decoded_weights, payload, device_round)
 
-    async def train(self, device_id: str, fleet: str, data: LocalData, task: Task, shuffle_seed: int,
-                    initial_weights: Sequence[np.ndarray] | None, max_seconds: float) -> tuple[LocalResult, bytes]:
-        """Train one device's round on a free worker; its LocalResult and encoded update payload."""
-        return await self._run(self._train, device_id, fleet, data, task, shuffle_seed, initial_weights, max_seconds)
+    async def train(self, device_round: DeviceRound, data: LocalData, initial_weights: Sequence[np.ndarray] | None,
+                    max_seconds: float | None) -> RoundOutcome:
+        """Train one device's round on a free worker; its outcome (the update payload and what training measured)."""
+        return await self._run(self._train, device_round, data, initial_weights, max_seconds)
 
     def close(self) -> None:
         """Stop the workers (a job in progress finishes first)."""
@@ -87,29 +85,25 @@ class TrainerPool:
         """`function(*args)` on a worker thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
-    def _decoded_weights(self, payload: bytes, task: Task, fleet: str) -> list[np.ndarray]:
-        """Decode (or reuse) the global weights named by task.weights_hash, with the artifact's manifest."""
+    def _decoded_weights(self, payload: bytes, device_round: DeviceRound) -> list[np.ndarray]:
+        """Decode (or reuse) the global weights named by the task's weights_hash, with the artifact's manifest."""
+        weights_hash = device_round.task.weights_hash
         with self._lock:
-            if task.weights_hash in self._weights:
-                return self._weights[task.weights_hash]
-        tensors = decode_weights(payload, self._loaded(task.model_hash).model.manifest, fleet=fleet).tensors
+            if weights_hash in self._weights:
+                return self._weights[weights_hash]
+        tensors = device_round.global_weights(payload, self._loaded(device_round.task.model_hash).model)
         with self._lock:
-            self._weights[task.weights_hash] = tensors
+            self._weights[weights_hash] = tensors
             while len(self._weights) > _WEIGHTS_KEPT:
                 self._weights.popitem(last=False)
         return tensors
 
-    def _train(self, device_id: str, fleet: str, data: LocalData, task: Task, shuffle_seed: int,
-               initial_weights: Sequence[np.ndarray] | None, max_seconds: float) -> tuple[LocalResult, bytes]:
-        """Worker body: train from the given (or the artifact's) weights and learning rate, then encode the update."""
-        loaded = self._loaded(task.model_hash)
-        result = train_locally(loaded.model, data, epochs=task.epochs, shuffle_seed=shuffle_seed,
-                               max_steps=task.max_steps, max_seconds=max_seconds,
-                               learning_rate=loaded.learning_rate if task.learning_rate is None else task.learning_rate,
-                               initial_weights=loaded.initial_weights if initial_weights is None else initial_weights,
-                               proximal_mu=proximal_strength(task.proximal_mu, loaded.model.manifest))
-        _, payload = round_update(fleet, device_id, task, result)
-        return result, payload
+    def _train(self, device_round: DeviceRound, data: LocalData, initial_weights: Sequence[np.ndarray] | None,
+               max_seconds: float | None) -> RoundOutcome:
+        """Worker body: the device's round on this worker's interpreter, from the given (or the artifact's) weights."""
+        loaded = self._loaded(device_round.task.model_hash)
+        return device_round.train(loaded.model, data, loaded.initial_weights if initial_weights is None
+                                  else initial_weights, max_seconds)
 
     def _loaded(self, model_hash: str) -> _Loaded:
         """This worker's interpreter for an artifact, created on first use (the few most recent are kept)."""
@@ -118,8 +112,7 @@ class TrainerPool:
             with self._lock:
                 artifact = self._artifacts[model_hash]
             model = TrainableModel(artifact, num_threads=1, verify=False)  # verified by add_model
-            learning_rate = float(model.manifest["optimizer"]["learning_rate"])
-            models[model_hash] = _Loaded(model, model.get_weights(), learning_rate)
+            models[model_hash] = _Loaded(model, model.get_weights())
             while len(models) > DEFAULT_MAX_MODELS:
                 models.popitem(last=False)
         models.move_to_end(model_hash)

@@ -21,15 +21,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from manifests import manifest_for
+
 if TYPE_CHECKING:  # imported for real only inside atheris' instrumentation (main)
     from device_runtime.protocol import ModelUpdate
 
-MANIFEST = {
-    "weights": [{"name": f"w{i}", "shape": shape, "dtype": "float32", "trainable": True}
-                for i, shape in enumerate([[2, 4], [3], [], [16, 16]])],
-    "metrics": {"variables": ["loss_sum", "num_examples"]},
-    "content_hash": "sha256:" + "ab" * 32,
-}
+MANIFEST = manifest_for([[2, 4], [3], [], [16, 16]])
 STATS_EVERY = 1000
 
 
@@ -39,9 +36,9 @@ def seed_payloads() -> list[bytes]:
 
     rng = np.random.default_rng(0)
     update = ModelUpdate(fleet="fleet", round=3, device_id="dev-1", update_id="u-1",
-                         model_hash=MANIFEST["content_hash"], num_examples=12,
+                         model_hash=MANIFEST.content_hash, num_examples=12,
                          metrics={"loss_sum": 3.5, "num_examples": 12.0},
-                         tensors=[rng.normal(size=w["shape"]).astype(np.float32) for w in MANIFEST["weights"]])
+                         tensors=[rng.normal(size=w.shape).astype(np.float32) for w in MANIFEST.weights])
     return [encode_update(update, encoding, topk)
             for encoding in ("float32", "float16", "int8") for topk in (None, 0.1)]
 
@@ -82,12 +79,12 @@ class Harness:
 
 def check_promises(update: ModelUpdate) -> None:
     """What decode_update promises about an update it returns: the manifest's shapes, float32, finite values."""
-    assert update.model_hash == MANIFEST["content_hash"]
-    assert sorted(update.metrics) == sorted(MANIFEST["metrics"]["variables"])
+    assert update.model_hash == MANIFEST.content_hash
+    assert sorted(update.metrics) == sorted(MANIFEST.metrics.variables)
     assert all(math.isfinite(value) for value in update.metrics.values())
-    assert len(update.tensors) == len(MANIFEST["weights"])
-    for tensor, weight in zip(update.tensors, MANIFEST["weights"]):
-        assert tensor.dtype == np.float32 and tensor.shape == tuple(weight["shape"]) and np.isfinite(tensor).all()
+    assert len(update.tensors) == len(MANIFEST.weights)
+    for tensor, weight in zip(update.tensors, MANIFEST.weights):
+        assert tensor.dtype == np.float32 and tensor.shape == tuple(weight.shape) and np.isfinite(tensor).all()
 
 
 def main() -> None:

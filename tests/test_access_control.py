@@ -24,6 +24,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device_runtime.agent import DeviceAgent
+from device_runtime.connection import BrokerSettings, TlsFiles
 from device_runtime.protocol import decode_status, encode_status
 from device_runtime.protocol.topics import (model_topic, status_topic, status_wildcard, task_topic, update_topic,
                                             update_wildcard, weights_topic)
@@ -285,8 +286,8 @@ def test_devices_train_a_signed_round_with_the_fedge_server_over_tls_with_their_
                           username=device, password=files.passwords[device], tls_ca=str(files.ca_cert),
                           server_public_key=key.public_key(), num_threads=1)
               for i, device in enumerate(DEVICES[:2])]
-    executor = MqttExecutor(broker.url, FLEET, min_reports=2, deadline_s=30, username=SERVER_USER,
-                            password=files.passwords[SERVER_USER], tls_ca=str(files.ca_cert), signing_key=key)
+    server_login = BrokerSettings(broker.url, SERVER_USER, files.passwords[SERVER_USER], TlsFiles(str(files.ca_cert)))
+    executor = MqttExecutor(server_login, FLEET, min_reports=2, deadline_s=30, signing_key=key)
     try:
         for agent in agents:
             agent.start()

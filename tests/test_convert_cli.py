@@ -53,9 +53,9 @@ def convert_and_inspect(tmp_path: Path, capsys, model: keras.Model, *options: st
 def assert_trains(path: Path, seed: int) -> None:
     """Repeated steps on one batch in LiteRT drive its loss down."""
     model = TrainableModel.from_file(path)
-    spec = model.manifest["input"]
+    spec = model.manifest.input
     rng = np.random.default_rng(seed)
-    x = rng.random((model.batch_size, *spec["shape"]), dtype=np.float32)
+    x = rng.random((model.batch_size, *spec.shape), dtype=np.float32)
     y = rng.integers(0, 10, model.batch_size).astype(np.int32)
     losses = [model.train_batch(x, y) for _ in range(25)]
     assert np.all(np.isfinite(losses))

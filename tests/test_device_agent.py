@@ -24,15 +24,16 @@ import pytest
 
 from device_artifacts import artifact_path
 from fedge.broker import accepts, find_mosquitto, free_port
-from device_runtime.agent import DeviceAgent, device_shuffle_seed
+from device_runtime.agent import DeviceAgent
 from device_runtime.artifact import read_manifest
 from device_runtime.cli import main as cli_main
 from device_runtime.model import TrainableModel
 from device_runtime.model_cache import ModelCache
 from device_runtime.protocol import Task, decode_status, decode_update, encode_task, encode_weights, payload_hash
 from device_runtime.protocol.topics import model_topic, task_topic, update_wildcard, weights_topic
-from device_runtime.rounds import supersedes
+from device_runtime.rounds import device_shuffle_seed, supersedes
 from device_runtime.training import train_locally
+from tasks import task_of
 
 pytestmark = pytest.mark.device
 
@@ -94,7 +95,7 @@ class Server:
 
     def publish_model(self, model_bytes: bytes, model_hash: str | None = None) -> None:
         """Retain an artifact on the model topic of `model_hash` (default: its own content hash)."""
-        self.publish(model_topic(self.fleet, model_hash or read_manifest(model_bytes)["content_hash"]), model_bytes)
+        self.publish(model_topic(self.fleet, model_hash or read_manifest(model_bytes).content_hash), model_bytes)
 
     def publish_task(self, model_hash: str, round_id: int, **fields: Any) -> Task:
         """Retain a task for `round_id` (defaults: every device, 1 epoch, float32, deadline in 60 s)."""
@@ -102,7 +103,7 @@ class Server:
                       max_seconds=None, deadline=time.time() + 60, selected=None, fraction=None,
                       encoding="float32", topk=None, seed=1000 + round_id)
         values.update(fields)
-        task = Task(**values)
+        task = task_of(**values)
         self.publish(task_topic(self.fleet), encode_task(task))
         return task
 
@@ -131,7 +132,7 @@ def model_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 @pytest.fixture(scope="module")
 def model_hash(model_bytes: bytes) -> str:
-    return read_manifest(model_bytes)["content_hash"]
+    return read_manifest(model_bytes).content_hash
 
 
 @pytest.fixture(scope="module")
@@ -169,9 +170,9 @@ def make_agent(mosquitto_broker, fleet, local_data, tmp_path) -> Iterator[Callab
 
 def reference_delta(model_bytes: bytes, data, task: Task, device_id: str) -> tuple[list[np.ndarray], int]:
     """What train_locally computes in-process for this task and device."""
-    result = train_locally(TrainableModel(model_bytes, num_threads=1), data, epochs=task.epochs,
-                           shuffle_seed=device_shuffle_seed(task.seed, device_id), max_steps=task.max_steps,
-                           learning_rate=task.learning_rate)
+    result = train_locally(TrainableModel(model_bytes, num_threads=1), data, epochs=task.work.epochs,
+                           shuffle_seed=device_shuffle_seed(task.seed, device_id), max_steps=task.work.max_steps,
+                           learning_rate=task.work.learning_rate)
     return result.delta, result.num_examples
 
 
@@ -226,7 +227,7 @@ def test_a_second_job_on_a_running_agent_trains_from_its_first_round(server, mak
 def test_a_later_task_supersedes_a_queued_one_of_another_job_or_a_later_round():
     """The rule both task queues (the agent's and the simulator's) follow: device_runtime.rounds.supersedes."""
     def task(run_id: str, round_id: int) -> Task:
-        return Task(round=round_id, run_id=run_id, model_hash="sha256:" + "ab" * 32, learning_rate=None, epochs=1,
+        return task_of(round=round_id, run_id=run_id, model_hash="sha256:" + "ab" * 32, learning_rate=None, epochs=1,
                     max_steps=None, max_seconds=None, deadline=time.time() + 60, selected=None, fraction=None,
                     encoding="float32", topk=None, seed=1)
 
@@ -241,7 +242,7 @@ def test_a_fedprox_task_trains_with_its_mu(server, make_agent, tmp_path_factory,
     manifest = read_manifest(proximal)
     server.publish_model(proximal)
     make_agent("dev-p")
-    task = server.publish_task(manifest["content_hash"], 1, proximal_mu=5.0, epochs=3)
+    task = server.publish_task(manifest.content_hash, 1, proximal_mu=5.0, epochs=3)
     device, payload = server.next_update()
     got = decode_update(payload, manifest).tensors
     for mu, same in ((5.0, True), (0.0, False)):
@@ -542,8 +543,8 @@ def test_tls_with_password(tls_broker, fleet, local_data, model_bytes, model_has
 def test_round_starts_from_the_published_global_weights(server, make_agent, model_bytes, model_hash, local_data):
     manifest = read_manifest(model_bytes)
     rng = np.random.default_rng(3)
-    weights = [rng.normal(size=w["shape"]).astype(np.float32) for w in manifest["weights"]]
-    payload = encode_weights(server.fleet, 5, model_hash, weights, manifest["metrics"]["variables"])
+    weights = [rng.normal(size=w.shape).astype(np.float32) for w in manifest.weights]
+    payload = encode_weights(server.fleet, 5, model_hash, weights, manifest.metrics.variables)
     server.publish_model(model_bytes)
     server.publish(weights_topic(server.fleet), payload)
     make_agent("dev-w")
@@ -551,9 +552,9 @@ def test_round_starts_from_the_published_global_weights(server, make_agent, mode
 
     _, update_payload = server.next_update()
     update = decode_update(update_payload, manifest, device_id="dev-w")
-    expected = train_locally(TrainableModel(model_bytes, num_threads=1), local_data, epochs=task.epochs,
+    expected = train_locally(TrainableModel(model_bytes, num_threads=1), local_data, epochs=task.work.epochs,
                              shuffle_seed=device_shuffle_seed(task.seed, "dev-w"),
-                             learning_rate=task.learning_rate, initial_weights=weights)
+                             learning_rate=task.work.learning_rate, initial_weights=weights)
     from_artifact, _ = reference_delta(model_bytes, local_data, task, "dev-w")
     for got, want in zip(update.tensors, expected.delta, strict=True):
         np.testing.assert_array_equal(got, want)
@@ -564,8 +565,8 @@ def test_round_starts_from_the_published_global_weights(server, make_agent, mode
 def test_round_without_its_global_weights_fails_and_publishes_nothing(server, make_agent, model_bytes, model_hash,
                                                                       caplog):
     manifest = read_manifest(model_bytes)
-    stale = encode_weights(server.fleet, 1, model_hash, [np.zeros(w["shape"], np.float32) for w in manifest["weights"]],
-                           manifest["metrics"]["variables"])
+    stale = encode_weights(server.fleet, 1, model_hash, [np.zeros(w.shape, np.float32) for w in manifest.weights],
+                           manifest.metrics.variables)
     server.publish_model(model_bytes)
     server.publish(weights_topic(server.fleet), stale)  # last round's weights, not the ones the task names
     agent = make_agent("dev-s", model_fetch_timeout=1.0)

@@ -21,11 +21,12 @@ from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS
 import fedge.learning as fl
 from device_artifacts import artifact_path
 from fedge.learning.evaluation import FederatedEvaluation
-from fedge.learning.process import ClientWork, LearningProcess
+from device_runtime.protocol import ClientWork
+from fedge.job import JobError
+from fedge.learning.process import LearningProcess
 from fedge.server.metrics_log import read_metrics_log
-from fedge.server.serve import UsageError, model_aggregator
 from fedge.simulation.datasets import digits
-from test_robust_aggregation import _serve_args, inline, process_parts  # noqa: F401 (fixtures)
+from test_robust_aggregation import inline, process_parts, serve_aggregator  # noqa: F401 (fixtures)
 from test_server import broker_url, start_agents, toy_data  # noqa: F401 (fixtures)
 
 SHAPES = [(50, 40), (40,)]
@@ -169,34 +170,34 @@ def test_bad_dp_arguments_are_refused_with_their_name(kwargs, message):
 
 
 def test_fedge_serve_dp_flags():
-    dp = model_aggregator(_serve_args("--clip-norm", "0.5", "--dp-noise-multiplier", "1.1", "--dp-delta", "1e-6",
-                                      "--dp-population", "100"))
+    dp = serve_aggregator("--clip-norm", "0.5", "--dp-noise-multiplier", "1.1", "--dp-delta", "1e-6",
+                          "--dp-population", "100")
     assert isinstance(dp, fl.GaussianFixedDP) and dp.seed is None  # production noise is never seeded
     assert (dp.noise_multiplier, dp.clients_per_round, dp.clipping_norm, dp.target_delta, dp.sampling_probability) \
         == (1.1, 4, 0.5, 1e-6, 0.04)
-    assert model_aggregator(_serve_args("--clip-norm", "1", "--dp-noise-multiplier", "1")).sampling_probability == 1
+    assert serve_aggregator("--clip-norm", "1", "--dp-noise-multiplier", "1").sampling_probability == 1
     for flags, message in [
-        (["--dp-noise-multiplier", "1"], "needs --clip-norm S"),
+        (["--dp-noise-multiplier", "1"], "needs clip_norm, the bound on each update's norm"),
         (["--dp-noise-multiplier", "1", "--clip-norm", "1", "--aggregator", "median"],
-         "cannot be combined with --aggregator median"),
-        (["--dp-delta", "1e-6"], "give --dp-noise-multiplier too"),
+         "cannot be combined with name = 'median'"),
+        (["--dp-delta", "1e-6"], "set dp_noise_multiplier too"),
         (["--dp-noise-multiplier", "1", "--clip-norm", "1", "--dp-population", "3"],
-         "--dp-population (3) cannot be below --clients-per-round (4)"),
+         "dp_population (3) cannot be below rounds.clients_per_round (4)"),
     ]:
-        with pytest.raises(UsageError) as error:
-            model_aggregator(_serve_args(*flags))
+        with pytest.raises(JobError) as error:
+            serve_aggregator(*flags)
         assert message in str(error.value)
 
 
 def test_a_small_dp_run_on_the_digits_still_learns_and_reports_its_epsilon(process_parts):  # noqa: F811
-    artifact, finalizers, executor = process_parts
+    artifact, executor = process_parts
     train, test = digits.load_data(num_clients=10, partition="iid", seed=0)
     clients = [train.create_dataset_for_client(c) for c in train.client_ids]
-    evaluation = FederatedEvaluation(artifact, finalizers, executor)
+    evaluation = FederatedEvaluation(artifact, executor)
     rounds, accuracy, metrics = 10, {}, {}
     for noise_multiplier in (0.5, 50.0):
         dp = fl.GaussianFixedDP(noise_multiplier, len(clients), 0.5, target_delta=1e-5, seed=0)
-        process = LearningProcess(artifact, finalizers, ClientWork(), fl.ClientWeighting.UNIFORM,
+        process = LearningProcess(artifact, ClientWork(), fl.ClientWeighting.UNIFORM,
                                   fl.optimizers.SGD(1.0), executor, dp)
         state = process.initialize()
         for _ in range(rounds):

@@ -75,8 +75,8 @@ def test_broker_restart_mid_round_loses_no_update_and_counts_none_twice(artifact
     data = {f"dev-{i}": toy_data(20 + 4 * i, seed=40 + i) for i in range(4)}
     agents = [DeviceAgent(url, fleet, device, arrays, cache_dir=tmp_path / f"cache-{device}", num_threads=1,
                           publish_timeout=TIMEOUT_S) for device, arrays in data.items()]
-    executor = MqttExecutor(url, fleet, min_reports=4, deadline_s=TIMEOUT_S, max_seconds=5.0)  # goal: all four
-    process = make_process(artifact, executor, epochs=10_000, seed=7)  # the 5 s budget ends training
+    executor = MqttExecutor(url, fleet, min_reports=4, deadline_s=TIMEOUT_S)  # goal: all four
+    process = make_process(artifact, executor, epochs=10_000, seed=7, max_seconds=5.0)  # the 5 s budget ends training
     results: queue.Queue = queue.Queue()
     try:
         for agent in agents:
@@ -97,8 +97,8 @@ def test_broker_restart_mid_round_loses_no_update_and_counts_none_twice(artifact
         restarted = time.monotonic()
         state, metrics = results.get(timeout=TIMEOUT_S)
         completed = time.monotonic()
-        executor.max_seconds = 0.2  # a short round after the restart: the fleet trains on
-        after, after_metrics = process.next(state, sorted(data))
+        short = make_process(artifact, executor, epochs=10_000, seed=7, max_seconds=0.2)  # the fleet trains on
+        after, after_metrics = short.next(state, sorted(data))
     finally:
         executor.close()
         for agent in agents:
@@ -124,7 +124,7 @@ def test_broker_restart_mid_round_loses_no_update_and_counts_none_twice(artifact
     implied, implied_metrics = aggregate_round(
         start, start.global_model_weights,
         iter([ClientUpdate(u.tensors, u.num_examples, u.metrics, 0, 0) for u in distinct]), artifact.manifest,
-        artifact.manifest["metrics"]["finalizers"], fl.ClientWeighting.NUM_EXAMPLES, optimizers.SGD(1.0))
+        fl.ClientWeighting.NUM_EXAMPLES, optimizers.SGD(1.0))
     assert_same_weights(state.global_model_weights, implied.global_model_weights)
     assert metrics["client_work"]["train"] == implied_metrics["client_work"]["train"]
     assert after_metrics["distributor"]["accepted"] == 4 and after.round_num == 2
@@ -337,7 +337,7 @@ def test_bad_updates_through_the_broker_are_dropped_and_counted_in_the_metrics_l
 def _with_value(manifest: dict, fleet: str, device: str, round_num: int, value: float) -> bytes:
     """A float32 update whose first delta value is `value` (encode_update refuses NaN and Inf, so it is patched in)."""
     sentinel = np.float32(1234.5678)
-    tensors = [np.full(w["shape"], 0.01, np.float32) for w in manifest["weights"]]
+    tensors = [np.full(w.shape, 0.01, np.float32) for w in manifest.weights]
     tensors[0].flat[0] = sentinel
     payload = fake_update(manifest, fleet, device, round_num, tensors=tensors)
     assert payload.count(sentinel.tobytes()) == 1

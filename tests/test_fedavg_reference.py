@@ -67,8 +67,8 @@ def test_fedavg_matches_a_numpy_reference():
     with InProcessExecutor(num_workers=0) as executor:
         process = fl.build_federated_averaging_process(
             _model_fn, lambda: keras.optimizers.SGD(LEARNING_RATE), batch_size=BATCH, executor=executor, seed=None)
-        shapes = [spec["shape"] for spec in process.artifact.manifest["weights"]]
-        assert shapes == [[4, 5], [5], [5, CLASSES], [CLASSES]]  # the order the reference unpacks
+        shapes = [spec.shape for spec in process.artifact.manifest.weights]
+        assert shapes == [(4, 5), (5,), (5, CLASSES), (CLASSES,)]  # the order the reference unpacks
         clients = _client_data()
         state = process.initialize()
         initial = process.get_model_weights(state).trainable

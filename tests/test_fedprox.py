@@ -16,8 +16,8 @@ def _artifact(proximal: bool) -> TrainableModel:
                               keras.layers.BatchNormalization(), keras.layers.Dense(3)])
     result = convert_keras_model(model, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                                  optimizer=keras.optimizers.SGD(0.1), batch_size=4, proximal=proximal)
-    assert result.manifest["proximal"] is proximal
-    assert ("set_proximal_mu" in result.manifest["signatures"]) is proximal
+    assert result.manifest.proximal is proximal
+    assert ("set_proximal_mu" in result.manifest.signatures) is proximal
     return TrainableModel(result.tflite_bytes)
 
 
@@ -32,7 +32,7 @@ def test_proximal_term_pulls_trainable_weights_towards_the_anchor():
     moved = model.get_weights()
     # An all-padding batch has no loss gradient: only the proximal term acts, w -= lr * mu * (w - anchor).
     model.train_step(x, y, np.zeros(4, np.float32))
-    trainable = [spec["trainable"] for spec in model.weight_specs]
+    trainable = [spec.trainable for spec in model.weight_specs]
     for after, before, start, is_trainable in zip(model.get_weights(), moved, anchor, trainable, strict=True):
         expected = before - 0.1 * 0.5 * (before - start) if is_trainable else before
         np.testing.assert_allclose(after, expected, rtol=1e-6, atol=1e-7)

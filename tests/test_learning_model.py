@@ -98,8 +98,9 @@ def test_lower_gives_a_builtin_artifact_with_the_keras_weights_that_trains_in_li
     before = [w.numpy().copy() for w in keras_model.weights]
     result = model.lower(batch_size=4, optimizer=keras.optimizers.SGD(0.1))
     assert all(op.builtin for op in list_operators(result.tflite_bytes))
-    assert result.manifest["metrics"]["finalizers"] == model.metric_finalizers()
-    assert result.manifest["metrics"]["variables"] == list(model.report_local_unfinalized_metrics())
+    assert result.manifest.metrics.finalizers == {name: tuple(finalizer)
+                                                  for name, finalizer in model.metric_finalizers().items()}
+    assert result.manifest.metrics.variables == tuple(model.report_local_unfinalized_metrics())
     artifact = TrainableModel(result.tflite_bytes)
     for got, expected in zip(artifact.get_weights(), before, strict=True):
         np.testing.assert_array_equal(got, expected)
@@ -204,10 +205,11 @@ def test_custom_model_trains_in_litert_as_tf_eager_does():
     result = model.lower(batch_size=4, optimizer="sgd")
     assert all(op.builtin for op in list_operators(result.tflite_bytes))
     manifest = result.manifest
-    assert manifest["model_name"] == "SoftmaxRegression" and manifest["loss"] == {"name": "custom"}
-    assert [(w["name"], w["trainable"]) for w in manifest["weights"]] == [("w", True), ("b", True)]
-    assert manifest["metrics"] == {"variables": ["loss_sum", "num_examples", "correct"],
-                                   "finalizers": model.metric_finalizers()}
+    assert manifest.model_name == "SoftmaxRegression" and manifest.loss.name == "custom"
+    assert [(w.name, w.trainable) for w in manifest.weights] == [("w", True), ("b", True)]
+    assert manifest.metrics.variables == ("loss_sum", "num_examples", "correct")
+    assert manifest.metrics.finalizers == {name: tuple(finalizer)
+                                           for name, finalizer in model.metric_finalizers().items()}
     assert {name: float(v) for name, v in model.report_local_unfinalized_metrics().items()} == before
     artifact = TrainableModel(result.tflite_bytes)
     assert artifact.report_metrics() == {"loss_sum": 0.0, "num_examples": 0.0, "correct": 0.0}

@@ -15,9 +15,11 @@ import tensorflow as tf
 import fedge.learning as fl
 from device_runtime import TrainableModel, evaluate_locally
 from fedge.learning import optimizers
-from fedge.learning.executors import ClientUpdate, Executor, InProcessExecutor, TrainConfig
+from device_runtime.artifact import Artifact
+from device_runtime.protocol import ClientWork, RoundConfig
+from fedge.learning.executors import ClientUpdate, Executor, InProcessExecutor
 from fedge.learning.metrics import finalize, sum_then_finalize
-from fedge.learning.process import ClientWork, LearningProcess
+from fedge.learning.process import LearningProcess
 from fedge.simulation.datasets import ClientDataset
 
 BATCH = 4
@@ -63,10 +65,11 @@ def fedprox(inline: InProcessExecutor) -> LearningProcess:
 
 
 def _variant(base: LearningProcess, executor: Executor, weighting: fl.ClientWeighting = fl.ClientWeighting.NUM_EXAMPLES,
-             server: optimizers.ServerOptimizer | None = None, **client_work: object) -> LearningProcess:
-    """Another process on `base`'s artifact (no second conversion): other client work, weighting or optimizer."""
-    return LearningProcess(base.artifact, base.artifact.manifest["metrics"]["finalizers"], ClientWork(**client_work),
-                           weighting, server or optimizers.SGD(1.0), executor)
+             server: optimizers.ServerOptimizer | None = None, seed: int | None = 0,
+             **client_work: object) -> LearningProcess:
+    """Another process on `base`'s artifact (no second conversion): other client work, weighting, optimizer, seed."""
+    return LearningProcess(base.artifact, ClientWork(**client_work), weighting, server or optimizers.SGD(1.0),
+                           executor, seed=seed)
 
 
 def _run(process: LearningProcess, rounds: int, clients: list, state: fl.LearningProcessState | None = None
@@ -88,7 +91,7 @@ def test_initialize_and_next_give_tff_shaped_state_and_metrics(fedavg: LearningP
     state = fedavg.initialize()
     assert state.round_num == 0 and state.server_optimizer_state == {}
     weights = fedavg.get_model_weights(state)
-    assert [w.shape for w in weights.to_list()] == [tuple(spec["shape"]) for spec in manifest["weights"]]
+    assert [w.shape for w in weights.to_list()] == [tuple(spec.shape) for spec in manifest.weights]
     assert len(weights.non_trainable) == 2  # batch norm's moving mean and variance
 
     clients = _clients()
@@ -100,7 +103,7 @@ def test_initialize_and_next_give_tff_shaped_state_and_metrics(fedavg: LearningP
     assert train["num_examples"] == 29 and train["num_batches"] == 3 + 4 + 2
     assert metrics["aggregator"]["num_clients"] == 3
     assert metrics["aggregator"]["mean_weight"] == pytest.approx(29 / 3)
-    weight_bytes = 4 * manifest["num_parameters"]
+    weight_bytes = 4 * manifest.num_parameters
     assert 3 * weight_bytes < metrics["distributor"]["bytes_down"] < 3 * (weight_bytes + 2048)
     assert 3 * weight_bytes < metrics["aggregator"]["bytes_up"] < 3 * (weight_bytes + 2048)
     assert metrics["finalizer"]["update_norm"] > 0
@@ -224,7 +227,7 @@ def test_server_optimizer_in_a_process(fedavg: LearningProcess, inline: Executor
 
 def test_fedprox_with_mu_zero_is_fedavg_and_mu_pulls_towards_the_global_model(
         fedavg: LearningProcess, fedprox: LearningProcess, inline: Executor):
-    assert fedprox.artifact.manifest["proximal"] and not fedavg.artifact.manifest["proximal"]
+    assert fedprox.artifact.manifest.proximal and not fedavg.artifact.manifest.proximal
     clients = _clients((30, 25))
     plain, _ = _run(fedavg, 2, clients)
     zero, _ = _run(fedprox, 2, clients)
@@ -275,8 +278,8 @@ def test_the_default_executor_can_be_replaced(fedavg: LearningProcess, inline: E
     fl.executors.set_default_executor(inline)
     try:
         assert fl.executors.get_default_executor() is inline
-        process = LearningProcess(fedavg.artifact, fedavg.artifact.manifest["metrics"]["finalizers"], ClientWork(),
-                                  fl.ClientWeighting.NUM_EXAMPLES, optimizers.SGD(1.0), executor=None)
+        process = LearningProcess(fedavg.artifact, ClientWork(), fl.ClientWeighting.NUM_EXAMPLES, optimizers.SGD(1.0),
+                                  executor=None)
         _assert_same_weights(_run(process, 1, _clients())[0].global_model_weights,
                              _run(fedavg, 1, _clients())[0].global_model_weights)
     finally:
@@ -289,12 +292,12 @@ class _Spy(Executor):
     def __init__(self) -> None:
         self.trained = False
 
-    def train(self, artifact: bytes, weights: Sequence[np.ndarray], clients: Sequence, config: TrainConfig
+    def train(self, artifact: Artifact, weights: Sequence[np.ndarray], clients: Sequence, config: RoundConfig
               ) -> Iterator[ClientUpdate]:
         self.trained = True
         return iter(())
 
-    def evaluate(self, artifact: bytes, weights: Sequence[np.ndarray], clients: Sequence) -> Iterator[dict]:
+    def evaluate(self, artifact: Artifact, weights: Sequence[np.ndarray], clients: Sequence) -> Iterator[dict]:
         self.trained = True
         return iter(())
 
@@ -313,7 +316,7 @@ def test_bad_federated_data_fails_before_any_training_naming_the_client(fedavg: 
     clients: list = [*_clients((5, 6)), bad]
     with pytest.raises((ValueError, TypeError), match=message):
         process.next(process.initialize(), clients)
-    evaluation = fl.FederatedEvaluation(fedavg.artifact, fedavg.artifact.manifest["metrics"]["finalizers"], spy)
+    evaluation = fl.FederatedEvaluation(fedavg.artifact, spy)
     with pytest.raises((ValueError, TypeError), match=message):
         evaluation(process.get_model_weights(process.initialize()), clients)
     assert not spy.trained

@@ -107,7 +107,7 @@ def test_delta_is_weights_after_minus_before(mlp: TrainableModel) -> None:
     result = train_locally(mlp, learnable(10), epochs=2)
     after = mlp.get_weights()
     assert [d.dtype for d in result.delta] == [np.float32] * len(before)
-    assert [d.shape for d in result.delta] == [tuple(s["shape"]) for s in mlp.weight_specs]
+    assert [d.shape for d in result.delta] == [s.shape for s in mlp.weight_specs]
     assert_same_weights(result.delta, [a - b for a, b in zip(after, before)])
     assert any(np.any(d) for d in result.delta)
 
@@ -179,7 +179,7 @@ def test_scalar_inputs_set_and_train(artifacts: dict[str, Path]) -> None:
     """Every rank-0 input of the format: set_learning_rate's, set_proximal_mu's, a scalar weight's.
     ai-edge-litert's aarch64 SignatureRunner segfaults resizing them (CI runs this on arm64)."""
     model = TrainableModel.from_file(artifacts["scalar"], num_threads=1)
-    assert [spec["shape"] for spec in model.weight_specs] == [[8, 3], []]
+    assert [spec.shape for spec in model.weight_specs] == [(8, 3), ()]
     assert model.set_learning_rate(0.05) == pytest.approx(0.05)
     assert model.set_proximal_mu(0.5) == 0.5
     weights = model.get_weights()

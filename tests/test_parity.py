@@ -322,9 +322,9 @@ def artifact(case: Case) -> Artifact:
         for n, b, a in zip(names, before, kref.snapshot(model)):
             np.testing.assert_array_equal(a, b, err_msg=f"{case.id}: converter mutated {n}")
         manifest = result.manifest
-        assert manifest["batch_size"] == case.batch_size
-        assert [tuple(w["shape"]) for w in manifest["weights"]] == [b.shape for b in before]
-        assert [bool(w["trainable"]) for w in manifest["weights"]] == \
+        assert manifest.batch_size == case.batch_size
+        assert [tuple(w.shape) for w in manifest.weights] == [b.shape for b in before]
+        assert [bool(w.trainable) for w in manifest.weights] == \
             [w.trainable for w in model.weights]
         assert_builtin_only(result.tflite_bytes, case.id)
         _ARTIFACTS[case.id] = Artifact(result.tflite_bytes, manifest, before, names)

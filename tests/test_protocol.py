@@ -43,7 +43,10 @@ from device_runtime.protocol import (
     update_wildcard,
     weights_topic,
 )
+from device_runtime.manifest import Manifest
 from device_runtime.protocol.generated import update_generated as fb
+from manifests import manifest_for
+from tasks import task_of
 
 pytestmark = pytest.mark.device
 
@@ -51,14 +54,9 @@ HASH = "sha256:" + "ab" * 32
 VARIABLES = ["loss_sum", "num_examples", "num_batches", "correct"]
 
 
-def _manifest(*shapes: list[int]) -> dict:
-    """The parts of a fedge manifest the codec reads, for weights of the given shapes."""
-    return {
-        "weights": [{"key": f"w_{i:03d}", "name": f"layer_{i}/w", "shape": list(shape),
-                     "dtype": "float32", "trainable": True} for i, shape in enumerate(shapes)],
-        "metrics": {"variables": list(VARIABLES)},
-        "content_hash": HASH,
-    }
+def _manifest(*shapes: list[int]) -> Manifest:
+    """A manifest for weights of the given shapes (what the codec reads)."""
+    return manifest_for(shapes, VARIABLES, HASH)
 
 
 # The first weight has a multiple of 4 elements: the builder writes the first tensor's data
@@ -69,7 +67,7 @@ SMALL = _manifest([2, 4], [3], [])
 def _update(manifest: dict = SMALL, seed: int = 0, scale: float = 1.0) -> ModelUpdate:
     """A valid update with random normal deltas for `manifest`."""
     rng = np.random.default_rng(seed)
-    tensors = [(rng.normal(size=w["shape"]) * scale).astype(np.float32) for w in manifest["weights"]]
+    tensors = [(rng.normal(size=w.shape) * scale).astype(np.float32) for w in manifest.weights]
     return ModelUpdate(fleet="fleet-a", round=7, device_id="dev-1", update_id="u-0001",
                        model_hash=HASH, num_examples=42,
                        metrics={"loss_sum": 12.5, "num_examples": 42.0, "num_batches": 2.0, "correct": 30.0},
@@ -78,12 +76,12 @@ def _update(manifest: dict = SMALL, seed: int = 0, scale: float = 1.0) -> ModelU
 
 def _assert_valid(update: ModelUpdate, manifest: dict = SMALL) -> None:
     """Whatever decode_update returns satisfies every promise it makes."""
-    assert update.model_hash == manifest["content_hash"]
+    assert update.model_hash == manifest.content_hash
     assert sorted(update.metrics) == sorted(VARIABLES)
     assert all(math.isfinite(v) for v in update.metrics.values())
-    assert len(update.tensors) == len(manifest["weights"])
-    for tensor, weight in zip(update.tensors, manifest["weights"]):
-        assert tensor.dtype == np.float32 and tensor.shape == tuple(weight["shape"])
+    assert len(update.tensors) == len(manifest.weights)
+    for tensor, weight in zip(update.tensors, manifest.weights):
+        assert tensor.dtype == np.float32 and tensor.shape == tuple(weight.shape)
         assert np.isfinite(tensor).all()
 
 
@@ -94,9 +92,9 @@ def _craft(*, version: int = PROTOCOL_VERSION, identifier: bytes = b"FEUP", flee
     if metrics is None:
         metrics = [(name, 1.0) for name in VARIABLES]
     if tensors is None:
-        tensors = [{"index": i, "num_elements": math.prod(w["shape"]),
-                    "data": np.ones(math.prod(w["shape"]), "<f4").tobytes()}
-                   for i, w in enumerate(SMALL["weights"])]
+        tensors = [{"index": i, "num_elements": math.prod(w.shape),
+                    "data": np.ones(math.prod(w.shape), "<f4").tobytes()}
+                   for i, w in enumerate(SMALL.weights)]
     builder = flatbuffers.Builder(1024)
     tensor_offsets = []
     for spec in tensors:
@@ -148,7 +146,7 @@ def _dense(index: int, values: np.ndarray | list[float], dtype: str = "<f4", **e
 
 def _tensors_with(index: int, spec: dict) -> list[dict]:
     """SMALL's all-ones tensors with the one at `index` replaced by `spec`."""
-    specs = [_dense(i, np.ones(math.prod(w["shape"]))) for i, w in enumerate(SMALL["weights"])]
+    specs = [_dense(i, np.ones(math.prod(w.shape))) for i, w in enumerate(SMALL.weights)]
     specs[index] = spec
     return specs
 
@@ -428,7 +426,7 @@ def _task(**changes) -> Task:
     fields = dict(round=3, run_id="0123456789abcdef", model_hash=HASH, learning_rate=0.05, epochs=2, max_steps=None, max_seconds=30.0,
                   deadline=1_900_000_000.5, selected=None, fraction=0.5, encoding="int8", topk=0.1, seed=11)
     fields.update(changes)
-    return Task(**fields)
+    return task_of(**fields)
 
 
 def test_task_round_trip() -> None:
@@ -483,11 +481,12 @@ def test_decode_task_refuses_malformed(payload: bytes, message: str) -> None:
 
 
 def test_encode_task_refuses_invalid_tasks() -> None:
-    for bad in (_task(epochs=0), _task(fraction=2.0), _task(deadline=float("inf")), _task(protocol_version=1),
-                _task(selected=["x+y"]), _task(run_id=""), _task(run_id="job/1"), _task(proximal_mu=-0.1),
-                _task(proximal_mu=float("nan"))):
+    """Client work is checked when it is made (ClientWork), the rest when the task is encoded; ProtocolError both."""
+    for bad in ({"epochs": 0}, {"fraction": 2.0}, {"deadline": float("inf")}, {"protocol_version": 1},
+                {"selected": ["x+y"]}, {"run_id": ""}, {"run_id": "job/1"}, {"proximal_mu": -0.1},
+                {"proximal_mu": float("nan")}, {"encoding": "int4"}, {"seed": None}):
         with pytest.raises(ProtocolError):
-            encode_task(bad)
+            encode_task(_task(**bad))
 
 
 def test_is_selected_by_list_fraction_or_everyone() -> None:

@@ -8,6 +8,7 @@ robust aggregators holding accuracy, all measured in the same test.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -20,9 +21,12 @@ import fedge.learning as fl
 from fedge.cli import build_parser
 from fedge.learning.aggregation import Aggregator
 from fedge.learning.evaluation import FederatedEvaluation
-from fedge.learning.executors import ClientUpdate, Executor, InProcessExecutor, TrainConfig
-from fedge.learning.process import ClientWork, LearningProcess
-from fedge.server.serve import UsageError, model_aggregator
+from device_runtime.artifact import Artifact
+from device_runtime.protocol import ClientWork, RoundConfig
+from fedge.job import JobError, parse_job
+from fedge.job.options import job_overrides
+from fedge.learning.executors import ClientUpdate, Executor, InProcessExecutor
+from fedge.learning.process import LearningProcess
 from fedge.simulation.datasets import digits
 
 SHAPES = [(3, 4), (4,), ()]
@@ -134,37 +138,40 @@ def test_bad_aggregator_arguments_are_refused_with_their_name(make, message):
     assert message in str(error.value)
 
 
-def _serve_args(*flags: str) -> Any:
-    """`fedge serve` arguments parsed by the real parser, with the required ones filled in."""
-    return build_parser().parse_args(["serve", "model.tflite", "--broker", "mqtt://localhost", "--fleet", "f",
-                                      "--rounds", "1", "--clients-per-round", "4", "--checkpoint-dir", "c", *flags])
+def serve_aggregator(*flags: str) -> Aggregator:
+    """The aggregator `fedge serve` builds from these flags: parsed by its parser, checked by the job loader."""
+    args = build_parser().parse_args(["serve", "model.tflite", "--broker", "mqtt://localhost", "--fleet", "f",
+                                      "--clients-per-round", "4", *flags])
+    job = parse_job({"model": {"factory": "models:build"}}, None, Path.cwd(), job_overrides(args))
+    return job.process.aggregator.build(job.rounds.clients_per_round)  # as fedge.job.build builds the process
 
 
 def test_fedge_serve_flags_select_the_aggregator():
-    assert isinstance(model_aggregator(_serve_args()), fl.MeanAggregator)
-    assert isinstance(model_aggregator(_serve_args("--aggregator", "median")), fl.CoordinateMedian)
-    trimmed = model_aggregator(_serve_args("--aggregator", "trimmed_mean", "--trim-fraction", "0.3"))
+    assert isinstance(serve_aggregator(), fl.MeanAggregator)
+    assert isinstance(serve_aggregator("--aggregator", "median"), fl.CoordinateMedian)
+    trimmed = serve_aggregator("--aggregator", "trimmed_mean", "--trim-fraction", "0.3")
     assert isinstance(trimmed, fl.TrimmedMean) and trimmed.trim_fraction == 0.3
-    assert model_aggregator(_serve_args("--aggregator", "trimmed_mean")).trim_fraction == 0.1
-    clipped = model_aggregator(_serve_args("--aggregator", "median", "--clip-norm", "2.5"))
+    assert serve_aggregator("--aggregator", "trimmed_mean").trim_fraction == 0.1
+    clipped = serve_aggregator("--aggregator", "median", "--clip-norm", "2.5")
     assert isinstance(clipped, fl.NormClipping) and clipped.clipping_norm == 2.5
     assert isinstance(clipped.inner, fl.CoordinateMedian)
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--trim-fraction", "0.2"], "--trim-fraction applies to --aggregator trimmed_mean"),
-    (["--aggregator", "trimmed_mean", "--trim-fraction", "0.5"], "trim_fraction must be a number in [0, 0.5)"),
+    (["--trim-fraction", "0.2"], 'process.aggregator: trim_fraction applies to name = "trimmed_mean"'),
+    (["--aggregator", "trimmed_mean", "--trim-fraction", "0.5"],
+     "process.aggregator.trim_fraction must be a number >= 0 and <= 0.49, got 0.5"),
 ])
 def test_fedge_serve_refuses_clashing_aggregator_flags(flags, message):
-    with pytest.raises((UsageError, ValueError)) as error:
-        model_aggregator(_serve_args(*flags))
+    with pytest.raises(JobError) as error:
+        serve_aggregator(*flags)
     assert message in str(error.value)
 
 
 def test_a_process_refuses_something_that_is_not_an_aggregator(process_parts):
-    artifact, finalizers, executor = process_parts
+    artifact, executor = process_parts
     with pytest.raises(TypeError, match="model_aggregator must be a fedge.learning.aggregation.Aggregator, got str"):
-        LearningProcess(artifact, finalizers, ClientWork(), fl.ClientWeighting.NUM_EXAMPLES, fl.optimizers.SGD(1.0),
+        LearningProcess(artifact, ClientWork(), fl.ClientWeighting.NUM_EXAMPLES, fl.optimizers.SGD(1.0),
                         executor, "median")
 
 
@@ -182,14 +189,14 @@ class PoisoningExecutor(Executor):
     def __init__(self, inner: Executor, poisoned: Sequence[int], factor: float) -> None:
         self.inner, self.poisoned, self.factor = inner, set(poisoned), factor
 
-    def train(self, artifact: bytes, weights: Sequence[np.ndarray], clients: Sequence[Any],
-              config: TrainConfig) -> Iterator[ClientUpdate]:
+    def train(self, artifact: Artifact, weights: Sequence[np.ndarray], clients: Sequence[Any],
+              config: RoundConfig) -> Iterator[ClientUpdate]:
         for index, update in enumerate(self.inner.train(artifact, weights, clients, config)):
             if index in self.poisoned:
                 update.delta = [(self.factor * d).astype(np.float32) for d in update.delta]
             yield update
 
-    def evaluate(self, artifact: bytes, weights: Sequence[np.ndarray], clients: Sequence[Any]) -> Iterator[dict]:
+    def evaluate(self, artifact: Artifact, weights: Sequence[np.ndarray], clients: Sequence[Any]) -> Iterator[dict]:
         return self.inner.evaluate(artifact, weights, clients)
 
 
@@ -208,18 +215,18 @@ def inline() -> Iterator[InProcessExecutor]:
 
 
 @pytest.fixture(scope="module")
-def process_parts(inline: InProcessExecutor) -> tuple[Any, Any, InProcessExecutor]:
-    """The digits softmax-regression artifact (converted once), its metric finalizers, the inline executor."""
+def process_parts(inline: InProcessExecutor) -> tuple[Artifact, InProcessExecutor]:
+    """The digits softmax-regression artifact (converted once) and the inline executor."""
     process = fl.build_federated_averaging_process(_digits_model_fn, lambda: keras.optimizers.SGD(0.3),
                                                    batch_size=16, executor=inline)
-    return process.artifact, process.artifact.manifest["metrics"]["finalizers"], inline
+    return process.artifact, inline
 
 
 def test_poisoned_devices_wreck_fedavg_and_the_robust_aggregators_hold_accuracy(process_parts):
-    artifact, finalizers, inline = process_parts
+    artifact, inline = process_parts
     train, test = digits.load_data(num_clients=NUM_CLIENTS, partition="iid", seed=0)
     clients = [train.create_dataset_for_client(c) for c in train.client_ids]
-    evaluation = FederatedEvaluation(artifact, finalizers, inline)
+    evaluation = FederatedEvaluation(artifact, inline)
     # clipping norm: a little under the honest clients' first-round delta norms (about 1.2 here)
     runs: dict[str, tuple[Aggregator | None, tuple[int, ...]]] = {
         "fedavg, no attack": (None, ()),
@@ -230,7 +237,7 @@ def test_poisoned_devices_wreck_fedavg_and_the_robust_aggregators_hold_accuracy(
     }
     accuracy, last_metrics = {}, {}
     for name, (aggregator, poisoned) in runs.items():
-        process = LearningProcess(artifact, finalizers, ClientWork(), fl.ClientWeighting.NUM_EXAMPLES,
+        process = LearningProcess(artifact, ClientWork(), fl.ClientWeighting.NUM_EXAMPLES,
                                   fl.optimizers.SGD(1.0), PoisoningExecutor(inline, poisoned, FACTOR), aggregator)
         state = process.initialize()
         for _ in range(ROUNDS):

@@ -116,3 +116,32 @@ def test_a_second_job_on_a_running_fleet_trains_from_its_first_round(mosquitto_b
     assert len(run_ids) == 2
     assert all(agent.stats["rounds_trained"] == 4 for agent in agents)
 
+
+
+def test_a_job_whose_model_is_a_tflite_is_served_without_tensorflow(mosquitto_broker, fleet, tmp_path: Path) -> None:
+    """`fedge serve job.toml`: a job file naming a converted artifact, FedProx and a server Yogi (the job's
+    process, sent to the devices in every task), held-out data; the server process loads no TensorFlow."""
+    from fedge.learning.state import load_state
+
+    model = artifact_path("scalar", tmp_path / "artifacts")  # converted with FedProx's proximal term
+    x, y = _examples(30, seed=3)
+    np.savez(tmp_path / "held_out.npz", x=x, y=y)
+    (tmp_path / "job.toml").write_text(
+        f'[model]\ntflite = "{model}"\n[data]\ntest = "held_out.npz"\n'
+        '[process]\nalgorithm = "fedprox"\nproximal_mu = 0.5\nlearning_rate = 0.05\n'
+        '[process.server_optimizer]\nname = "yogi"\n'
+        '[rounds]\ncount = 2\nclients_per_round = 2\nover_selection = 1.0\ndeadline = 60\ncheckin_wait = 60\n'
+        f'[fleet]\nid = "{fleet}"\n')
+    host, port = mosquitto_broker
+    broker = f"mqtt://{host}:{port}"
+    with running_agents(broker, fleet, [_examples(16, seed=50 + i) for i in range(2)], tmp_path):
+        result = subprocess.run([sys.executable, "-c", _SERVE_AND_REPORT, "serve", str(tmp_path / "job.toml"),
+                                 "--broker", broker], capture_output=True, text=True, timeout=TIMEOUT_S)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "imported: []" in result.stdout, output[-3000:]
+    rounds = [json.loads(line) for line in (tmp_path / "reports" / "serve" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["outcome"], r["accepted"], r["eval_num_examples"]) for r in rounds] == \
+        [(0, "completed", 2, 30), (1, "completed", 2, 30)]
+    assert set(load_state(tmp_path / "reports" / "serve" / "checkpoints" / "state.npz").server_optimizer_state) \
+        == {"m", "v"}

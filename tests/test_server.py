@@ -29,13 +29,15 @@ from device_runtime.protocol import (ModelUpdate, decode_task, encode_status, en
                                      update_topic)
 from fedge.learning import optimizers
 from fedge.learning.executors import ClientUpdate, InProcessExecutor
-from fedge.learning.process import ClientWork, LearningProcess, aggregate_round
-from fedge.server import DROP_REASONS, FederatedServer, MqttExecutor, ServerSettings
+from device_runtime.protocol import ClientWork
+from fedge.learning.process import LearningProcess, aggregate_round
+from fedge.server import DropReason, FederatedServer, MqttExecutor, ServerSettings
 from fedge.server.metrics_log import read_metrics_log
 from fedge.server.reports import ReportGate, RoundWindow
 from test_device_agent import wait_until
 from fedge.server.selection import over_selected, select_devices
 from fedge.simulation.datasets import ClientDataset
+from manifests import manifest_for
 
 TIMEOUT_S = 20.0
 CENTRES = np.eye(3, 8, dtype=np.float32) * 2.5
@@ -58,11 +60,11 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
 
 
 def make_process(artifact: Artifact, executor: Any, epochs: int = 1, seed: int | None = 0,
-                 proximal_mu: float | None = None, server_optimizer: Any = None) -> LearningProcess:
-    """FedAvg (FedProx with `proximal_mu`) on the artifact with `executor`; server SGD(1.0) unless given."""
-    return LearningProcess(artifact, artifact.manifest["metrics"]["finalizers"],
-                           ClientWork(epochs, proximal_mu=proximal_mu, seed=seed), fl.ClientWeighting.NUM_EXAMPLES,
-                           server_optimizer or optimizers.SGD(1.0), executor)
+                 server_optimizer: Any = None, **work: Any) -> LearningProcess:
+    """FedAvg (FedProx with a `proximal_mu` in `work`, the rest of ClientWork too) on the artifact with `executor`;
+    server SGD(1.0) unless given."""
+    return LearningProcess(artifact, ClientWork(epochs, **work), fl.ClientWeighting.NUM_EXAMPLES,
+                           server_optimizer or optimizers.SGD(1.0), executor, seed=seed)
 
 
 @pytest.fixture
@@ -155,9 +157,9 @@ def fake_update(manifest: dict, fleet: str, device_id: str, round_num: int, **fi
     """A well-formed float32 update (small random delta) unless `fields` change it."""
     rng = np.random.default_rng(abs(hash((device_id, round_num))) % 2**32)
     values = dict(fleet=fleet, round=round_num, device_id=device_id, update_id=uuid.uuid4().hex,
-                  model_hash=manifest["content_hash"], num_examples=8,
-                  metrics={name: 1.0 for name in manifest["metrics"]["variables"]},
-                  tensors=[rng.normal(scale=0.01, size=w["shape"]).astype(np.float32) for w in manifest["weights"]])
+                  model_hash=manifest.content_hash, num_examples=8,
+                  metrics={name: 1.0 for name in manifest.metrics.variables},
+                  tensors=[rng.normal(scale=0.01, size=w.shape).astype(np.float32) for w in manifest.weights])
     values.update(fields)
     return encode_update(ModelUpdate(**values))
 
@@ -203,8 +205,7 @@ def test_rounds_complete_over_selected_and_accuracy_improves(artifact, start_age
     start_agents(data)
     executor = make_executor(clients_per_round=3, min_reports=2, deadline_s=20)  # selects ceil(1.3 * 3) = 4
     process = make_process(artifact, executor, seed=3)
-    evaluation = fl.FederatedEvaluation(artifact, artifact.manifest["metrics"]["finalizers"],
-                                        InProcessExecutor(num_workers=0))
+    evaluation = fl.FederatedEvaluation(artifact, InProcessExecutor(num_workers=0))
     held_out = [toy_data(60, seed=99)]
     before = evaluation(process.get_model_weights(process.initialize()), held_out)["eval"]
     settings = ServerSettings(rounds=4, checkpoint_dir=tmp_path / "ckpt", metrics_log=tmp_path / "metrics.jsonl",
@@ -259,7 +260,7 @@ def test_bad_late_and_duplicate_updates_are_dropped_and_counted(artifact, make_e
 
     caplog.set_level(logging.INFO, logger="fedge.server")
     task = run_round(start, ["a", "b", "c"])
-    assert task.selected == ["a", "b", "c"] and task.weights_hash is not None
+    assert task.selected == ("a", "b", "c") and task.weights_hash is not None
     r = task.round
     accepted = fake_update(manifest, fleet, "a", r)
     for device, payload in [
@@ -288,7 +289,7 @@ def test_bad_late_and_duplicate_updates_are_dropped_and_counted(artifact, make_e
     fake_devices.publish(update_topic(fleet, "a"), fake_update(manifest, fleet, "a", task.round))
     _, metrics = results.get(timeout=TIMEOUT_S)
     assert metrics["distributor"]["closed_by"] == "goal" and metrics["distributor"]["dropped"] == {"late": 1}
-    assert set(distributor["dropped"]) | {"late", "after_goal"} == set(DROP_REASONS)  # after_goal: the rounds test
+    assert set(distributor["dropped"]) | {"late", "after_goal"} == {r.value for r in DropReason}  # after_goal: the rounds test
 
 
 def test_a_round_short_of_min_reports_fails_cleanly_and_the_next_succeeds(artifact, start_agents, make_executor,
@@ -349,11 +350,7 @@ def test_the_run_id_is_kept_while_a_checkpoint_is_and_renewed_with_a_new_job(tmp
 def test_streaming_aggregation_keeps_no_update_per_client():
     """200 updates of a 1M-parameter model through the report checks and the aggregator: memory O(model)."""
     shapes = [[1000, 1000], [1000]]
-    manifest = {"content_hash": "sha256:" + "ab" * 32,
-                "weights": [{"name": f"w_{i:03d}", "shape": s, "dtype": "float32", "trainable": True}
-                            for i, s in enumerate(shapes)],
-                "metrics": {"variables": ["loss_sum", "num_examples"],
-                            "finalizers": {"loss": ["divide", "loss_sum", "num_examples"]}}}
+    manifest = manifest_for(shapes)
     model_bytes = 4 * sum(math.prod(s) for s in shapes)
     delta = [np.full(s, 0.001, np.float32) for s in shapes]
     weights = fl.ModelWeights([np.zeros(s, np.float32) for s in shapes], [])
@@ -368,7 +365,7 @@ def test_streaming_aggregation_keeps_no_update_per_client():
         def updates() -> Iterator[ClientUpdate]:
             for device in devices:
                 peaks.append(tracemalloc.get_traced_memory()[1])
-                payload = encode_update(ModelUpdate("memory", 0, device, uuid.uuid4().hex, manifest["content_hash"],
+                payload = encode_update(ModelUpdate("memory", 0, device, uuid.uuid4().hex, manifest.content_hash,
                                                     4, {"loss_sum": 2.0, "num_examples": 4.0}, delta))
                 tracemalloc.reset_peak()  # the test's encoding is the devices' memory, not the server's
                 update = gate.check(update_topic("memory", device), payload, time.time())
@@ -377,8 +374,7 @@ def test_streaming_aggregation_keeps_no_update_per_client():
         tracemalloc.start()
         try:
             new_state, metrics = aggregate_round(state, weights, updates(), manifest,
-                                                 manifest["metrics"]["finalizers"], fl.ClientWeighting.NUM_EXAMPLES,
-                                                 optimizers.SGD(1.0))
+                                                 fl.ClientWeighting.NUM_EXAMPLES, optimizers.SGD(1.0))
             peaks.append(tracemalloc.get_traced_memory()[1])
         finally:
             tracemalloc.stop()
@@ -433,7 +429,8 @@ def test_fedge_serve_refuses_bad_arguments_before_connecting(tmp_path, capsys, a
     common = ["--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--rounds", "1", "--clients-per-round", "2",
               "--checkpoint-dir", str(tmp_path / "ckpt")]
     assert main(["serve", str(path), *common, "--loss", "binary_crossentropy"]) == 2
-    assert "--loss and --batch-size apply to a .keras model" in capsys.readouterr().err
+    assert "model.loss applies to a model that is converted; a .tflite artifact has its own" \
+        in capsys.readouterr().err
     assert main(["serve", str(path), *common, "--min-reports", "3"]) == 2
     assert "min_reports (3) cannot exceed clients_per_round (2)" in capsys.readouterr().err
     path.write_bytes(artifact.tflite_bytes[:-10] + b"tampered!!")

@@ -22,6 +22,7 @@ from device_runtime.protocol import Task, decode_update, encode_task, encode_wei
 from device_runtime.protocol.topics import model_topic, task_topic, weights_topic
 from device_runtime.rounds import task_to_train
 from device_runtime.signing import TaskVerifier, key_id, load_public_key, load_signing_key, sign_task, write_signing_key
+from tasks import task_of
 from test_device_agent import (Server, local_data, make_agent, model_bytes,  # noqa: F401 (fixtures)
                                model_hash, reference_delta, server, wait_until)
 
@@ -39,7 +40,7 @@ def make_task(model_hash: str = "sha256:" + "ab" * 32, round_id: int = 3, **fiel
                   deadline=time.time() + 60, selected=None, fraction=None, encoding="float32", topk=None,
                   seed=1000 + round_id)
     values.update(fields)
-    return Task(**values)
+    return task_of(**values)
 
 
 def envelope(payload: bytes) -> dict:
@@ -216,12 +217,12 @@ def test_agent_refuses_a_tampered_model_and_tampered_weights_named_by_a_signed_t
     assert "content hash" in lines[0] and agent.cache.hashes() == [] and agent.rounds_trained == []
 
     manifest = read_manifest(model_bytes)
-    weights = [np.full(w["shape"], 0.5, np.float32) for w in manifest["weights"]]
-    genuine = encode_weights(server.fleet, 2, model_hash, weights, manifest["metrics"]["variables"])
+    weights = [np.full(w.shape, 0.5, np.float32) for w in manifest.weights]
+    genuine = encode_weights(server.fleet, 2, model_hash, weights, manifest.metrics.variables)
     weights[0] = weights[0] + 1.0
     server.publish_model(model_bytes)
     server.publish(weights_topic(server.fleet),
-                   encode_weights(server.fleet, 2, model_hash, weights, manifest["metrics"]["variables"]))
+                   encode_weights(server.fleet, 2, model_hash, weights, manifest.metrics.variables))
     publish_signed_task(server, SERVER_KEY, make_task(model_hash, 2, weights_hash=payload_hash(genuine)))
     wait_until(lambda: agent.stats["rounds_failed"] == 2, "the round with tampered weights to fail")
     assert any(f"did not arrive on {weights_topic(server.fleet)}" in r.getMessage() for r in caplog.records)

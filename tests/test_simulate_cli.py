@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedge.cli import main
+from fedge.job.load import bundled_job_path as fedge_job_path
 from fedge.report import REPORT_MARKER, ReportFolderError, claim_report_folder
 
 
@@ -52,19 +53,32 @@ def test_fedge_simulate_refuses_before_touching_the_folder(tmp_path: Path, capsy
     (tmp_path / "notes.txt").write_text("mine")
     monkeypatch.chdir(tmp_path)
     assert main(["simulate", "--out", "."]) == 2
-    assert "fedge simulate: error: . holds files fedge did not write (notes.txt)" in capsys.readouterr().err
+    assert f"fedge simulate: error: {tmp_path} holds files fedge did not write (notes.txt)" in capsys.readouterr().err
     assert main(["simulate", "missing.toml", "--out", "."]) == 2
-    assert "missing.toml: cannot read it" in capsys.readouterr().err
+    assert "job missing.toml: cannot read it" in capsys.readouterr().err
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["notes.txt"]
 
 
-@pytest.mark.parametrize("option, value", [("--rounds", "0"), ("--rounds", "-3"), ("--clients-per-round", "x"),
-                                           ("--deadline", "0"), ("--deadline", "inf")])
-def test_fedge_simulate_refuses_numbers_that_cannot_work(option: str, value: str, tmp_path: Path,
+@pytest.mark.parametrize("option, value, message", [
+    ("--rounds", "0", "rounds.count must be an integer >= 1, got 0"),
+    ("--rounds", "-3", "rounds.count must be an integer >= 1, got -3"),
+    ("--deadline", "0", "rounds.deadline must be a number > 0, got 0.0"),
+    ("--deadline", "inf", "rounds.deadline must be a number > 0, got inf"),
+    ("--set", "rounds.count=-1", "rounds.count must be an integer >= 1, got -1"),
+    ("--set", "process.aggregator.name=mode", "process.aggregator.name must be one of mean, median, trimmed_mean"),
+])
+def test_fedge_simulate_refuses_numbers_that_cannot_work(option: str, value: str, message: str, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str],
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # were it not refused, its report would land here
+    assert main(["simulate", option, value]) == 2
+    error = capsys.readouterr().err
+    assert f"fedge simulate: error: {fedge_job_path()}: {message}" in error and "Traceback" not in error
+    assert not any(tmp_path.iterdir())
+
+
+def test_fedge_simulate_refuses_what_is_not_a_number(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["simulate", option, value])
+        main(["simulate", "--clients-per-round", "x"])
     assert exit_info.value.code == 2
-    assert f"argument {option}: expected a positive" in capsys.readouterr().err
+    assert "argument --clients-per-round: invalid int value: 'x'" in capsys.readouterr().err

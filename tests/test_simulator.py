@@ -19,13 +19,14 @@ import numpy as np
 import pytest
 
 from device_artifacts import artifact_path
-from device_runtime.agent import device_shuffle_seed
+from device_runtime.rounds import device_shuffle_seed
 from device_runtime.artifact import read_manifest
 from device_runtime.model import TrainableModel
 from device_runtime.protocol import Task, decode_update, encode_weights, is_selected, payload_hash
 from device_runtime.protocol.topics import weights_topic
 from device_runtime.training import train_locally
 from fedge.broker import EmbeddedBroker
+from fedge.job import load_job
 from fedge.simulation.datasets import ClientData
 from simulator import Availability, Fleet, ScenarioError, load_scenario
 from simulator.cli import main as simulate_main
@@ -111,12 +112,12 @@ def publish_round(server: Server, model_bytes: bytes, manifest: dict[str, Any], 
                   **fields: Any) -> tuple[Task, list[np.ndarray], bytes]:
     """Retain the model, random global weights and a task naming them; (task, weights, weights payload)."""
     rng = np.random.default_rng(seed)
-    weights = [rng.normal(scale=0.3, size=w["shape"]).astype(np.float32) for w in manifest["weights"]]
-    payload = encode_weights(server.fleet, round_id, manifest["content_hash"], weights,
-                             manifest["metrics"]["variables"])
+    weights = [rng.normal(scale=0.3, size=w.shape).astype(np.float32) for w in manifest.weights]
+    payload = encode_weights(server.fleet, round_id, manifest.content_hash, weights,
+                             manifest.metrics.variables)
     server.publish_model(model_bytes)
     server.publish(weights_topic(server.fleet), payload)
-    task = server.publish_task(manifest["content_hash"], round_id, weights_hash=payload_hash(payload), **fields)
+    task = server.publish_task(manifest.content_hash, round_id, weights_hash=payload_hash(payload), **fields)
     return task, weights, payload
 
 
@@ -142,9 +143,10 @@ def statuses_of(server: Server, device: str) -> list[str]:
 
 
 def test_shipped_scenarios_load() -> None:
-    digits = load_scenario(SCENARIOS / "digits.toml")
+    job = load_job(None)  # the main job's fleet and data
+    digits = job.fleet.scenario(job.rounds.seed)
     assert digits.num_devices == 40 and [g.name for g in digits.groups] == ["phone", "pi", "sensor"]
-    assert digits.data.partition == "dirichlet" and digits.data.alpha == 0.5
+    assert job.data.partition == "dirichlet" and job.data.alpha == 0.5
     sensor = digits.groups[2]
     assert (sensor.speed, sensor.upload, sensor.availability) == (8.0, 100e3, Availability(((0.0, 40.0),), 60.0))
     ids = [profile.device_id for profile in digits.devices]
@@ -170,13 +172,13 @@ _GOOD_GROUP = {"name": "a", "count": 2}
 
 @pytest.mark.parametrize("change, message", [
     ({"groups": []}, "groups must be a non-empty array of tables"),
-    ({"groups": [{"count": 2}]}, "groups[0]: name is required"),
-    ({"groups": [{"name": "a/b", "count": 2}]}, "groups[0]: name is invalid"),
-    ({"groups": [{**_GOOD_GROUP, "count": 0}]}, "groups[0] ('a'): count must be an integer >= 1, got 0"),
-    ({"groups": [{**_GOOD_GROUP, "speed": 0.5}]}, "groups[0] ('a'): speed must be a number >= 1, got 0.5"),
-    ({"groups": [{**_GOOD_GROUP, "sped": 2}]}, "groups[0] ('a'): unknown field(s) 'sped'"),
-    ({"groups": [{**_GOOD_GROUP, "upload": "fast"}]}, "groups[0] ('a'): upload must be a number of bytes/s"),
-    ({"groups": [{**_GOOD_GROUP, "download": -1}]}, "groups[0] ('a'): download must be positive"),
+    ({"groups": [{"count": 2}]}, "groups[0].name is required"),
+    ({"groups": [{"name": "a/b", "count": 2}]}, "groups[0].name is invalid"),
+    ({"groups": [{**_GOOD_GROUP, "count": 0}]}, "groups[0].count must be an integer >= 1, got 0"),
+    ({"groups": [{**_GOOD_GROUP, "speed": 0.5}]}, "groups[0].speed must be a number >= 1, got 0.5"),
+    ({"groups": [{**_GOOD_GROUP, "sped": 2}]}, "groups[0] has unknown key(s) 'sped'"),
+    ({"groups": [{**_GOOD_GROUP, "upload": "fast"}]}, "groups[0].upload is invalid: must be a number of bytes/s"),
+    ({"groups": [{**_GOOD_GROUP, "download": -1}]}, "groups[0].download is invalid: must be positive"),
     ({"groups": [{**_GOOD_GROUP, "dropout": 1.5}]}, "dropout must be a number >= 0 and <= 1, got 1.5"),
     ({"groups": [{**_GOOD_GROUP, "downtime": 0}]}, "downtime must be a number > 0"),
     ({"groups": [{**_GOOD_GROUP, "availability": [[5, 3]]}]}, "availability[0] must be [start, end] seconds"),
@@ -184,11 +186,12 @@ _GOOD_GROUP = {"name": "a", "count": 2}
     ({"groups": [{**_GOOD_GROUP, "period": 10}]}, "period needs availability windows"),
     ({"groups": [{**_GOOD_GROUP, "availability": [[0, 5]], "period": 4}]}, "period must be at least the last window"),
     ({"groups": [_GOOD_GROUP, _GOOD_GROUP]}, "groups names must be unique, 'a' repeat(s)"),
-    ({"data": {"partition": "weird"}}, "data: partition must be one of iid, dirichlet, shards, quantity_skew"),
-    ({"data": {"alpha": 0}}, "data: alpha must be a number > 0"),
+    ({"data": {"dataset": "digits", "partition": "weird"}},
+     "data.partition must be one of iid, dirichlet, shards, quantity_skew"),
+    ({"data": {"dataset": "digits", "alpha": 0}}, "data.alpha must be a number > 0"),
     ({"fleet": "a/b"}, "fleet is invalid"),
     ({"seed": -1}, "seed must be an integer >= 0, got -1"),
-    ({"devices": 3}, "unknown field(s) 'devices'"),
+    ({"devices": 3}, "the top level has unknown key(s) 'devices'"),
 ])
 def test_scenario_errors_name_the_field(change: dict[str, Any], message: str) -> None:
     spec = {"fleet": "f", "seed": 0, "groups": [_GOOD_GROUP], **change}
@@ -202,16 +205,19 @@ def test_scenario_file_errors_name_the_file(tmp_path: Path) -> None:
     path.write_text("fleet = \n")
     with pytest.raises(ScenarioError, match=f"scenario {re.escape(str(path))}: invalid TOML"):
         load_scenario(path)
-    path.write_text('fleet = "f"\n[[groups]]\nname = "pi"\ncount = 3\nspeed = "fast"\n')
-    with pytest.raises(ScenarioError, match=re.escape(f"scenario {path}: groups[0] ('pi'): speed must be a number")):
+    path.write_text('fleet = "f"\n[[groups]]\nname = "pi"\ncount = 3\nspeed = "fast"\ndropout = 2\n')
+    with pytest.raises(ScenarioError) as error:  # every error at once, each naming the file and the field
         load_scenario(path)
+    assert error.value.errors == [f"scenario {path}: groups[0].speed must be a number >= 1, got 'fast'",
+                                  f"scenario {path}: groups[0].dropout must be a number >= 0 and <= 1, got 2"]
     with pytest.raises(ScenarioError, match="cannot read it"):
         load_scenario(tmp_path / "missing.toml")
 
 
 def test_simulator_never_imports_tensorflow() -> None:
     code = ("import sys, simulator, simulator.cli; "
-            "simulator.Fleet.from_scenario('simulator/scenarios/digits.toml', 'mqtt://127.0.0.1:1'); "
+            "simulator.Fleet.from_scenario('simulator/scenarios/fleet_1000.toml', 'mqtt://127.0.0.1:1'); "
+            "from fedge.job import load_job; simulator.Fleet.from_job(load_job(None), 'mqtt://127.0.0.1:1'); "
             "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
@@ -227,7 +233,7 @@ def test_cli_rejects_a_bad_scenario_before_connecting(tmp_path: Path, capsys: py
     path = tmp_path / "bad.toml"
     path.write_text('[[groups]]\nname = "pi"\ncount = 3\ndropout = 2\n')
     assert simulate_main([str(path), "--broker", "mqtt://127.0.0.1:1"]) == 2
-    assert "groups[0] ('pi'): dropout must be a number >= 0 and <= 1, got 2" in capsys.readouterr().err
+    assert "groups[0].dropout must be a number >= 0 and <= 1, got 2" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------- rounds over MQTT
@@ -248,7 +254,7 @@ def test_selected_devices_publish_updates_unselected_do_not(server, start_fleet,
     for device in selected:  # the shared interpreters give exactly what the device would compute alone
         x, y = clients.create_dataset_for_client(clients.client_ids[fleet.device_ids.index(device)]).as_tuple()
         expected = train_locally(TrainableModel(model_bytes, num_threads=1), (x, y), epochs=2,
-                                 shuffle_seed=device_shuffle_seed(task.seed, device), learning_rate=task.learning_rate,
+                                 shuffle_seed=device_shuffle_seed(task.seed, device), learning_rate=task.work.learning_rate,
                                  initial_weights=weights)
         assert updates[device].num_examples == expected.num_examples == 2 * len(x)
         for got, want in zip(updates[device].tensors, expected.delta, strict=True):

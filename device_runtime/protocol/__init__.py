@@ -9,20 +9,17 @@ from device_runtime.protocol.codec import (
     MAX_STRING_BYTES,
     STATES,
     ModelUpdate,
-    Task,
     decode_status,
-    decode_task,
     decode_update,
     decode_weights,
     encode_status,
-    encode_task,
     encode_update,
     encode_weights,
-    is_selected,
     max_update_bytes,
     payload_hash,
 )
-from device_runtime.protocol.errors import PROTOCOL_VERSION, ProtocolError
+from device_runtime.protocol.errors import PROTOCOL_VERSION, Fault, ProtocolError
+from device_runtime.protocol.task import ClientWork, RoundConfig, Task, decode_task, encode_task, is_selected
 from device_runtime.protocol.topics import (
     check_id,
     model_topic,
@@ -36,12 +33,15 @@ from device_runtime.protocol.topics import (
 )
 
 __all__ = [
+    "ClientWork",
     "ENCODINGS",
+    "Fault",
     "MAX_STRING_BYTES",
     "PROTOCOL_VERSION",
     "STATES",
     "ModelUpdate",
     "ProtocolError",
+    "RoundConfig",
     "Task",
     "check_id",
     "decode_status",

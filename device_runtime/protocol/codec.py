@@ -8,7 +8,6 @@ manifest before it allocates the dense tensors. docs/protocol.md specifies the b
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
 import json
 import math
@@ -22,9 +21,10 @@ import flatbuffers
 import numpy as np
 
 from device_runtime.protocol import _flatbuf
-from device_runtime.protocol.errors import PROTOCOL_VERSION, ProtocolError
+from device_runtime.protocol.errors import PROTOCOL_VERSION, Fault, ProtocolError
 from device_runtime.protocol.generated import update_generated as fb
 from device_runtime.protocol.topics import check_id
+from device_runtime.manifest import ContentHash, Manifest, ManifestError
 
 FILE_IDENTIFIER = b"FEUP"
 MAX_STRING_BYTES = 256
@@ -38,7 +38,6 @@ ENCODINGS = {
     "int8": (fb.Encoding.INT8, np.dtype("i1")),
 }
 _DTYPE_BY_ENUM = {enum: (name, dtype) for name, (enum, dtype) in ENCODINGS.items()}
-_HASH = re.compile(r"sha256:[0-9a-f]{64}")
 _U8, _U16, _U32, _U64 = (struct.Struct(f) for f in ("<B", "<H", "<I", "<Q"))
 _F32, _F64 = struct.Struct("<f"), struct.Struct("<d")
 
@@ -57,32 +56,10 @@ class ModelUpdate:
     tensors: list[np.ndarray]
 
 
-@dataclass
-class Task:
-    """The retained round task: which model to train, how, until when, and who trains."""
-
-    round: int
-    run_id: str  # the server's job: a device trains each (run_id, round) once, so a new job starts afresh
-    model_hash: str
-    learning_rate: float | None
-    epochs: int
-    max_steps: int | None
-    max_seconds: float | None
-    deadline: float
-    selected: list[str] | None
-    fraction: float | None
-    encoding: str
-    topk: float | None
-    seed: int
-    weights_hash: str | None = None  # sha256 of the round's global weights (weights topic); None: the artifact's own
-    proximal_mu: float | None = None  # FedProx's mu (artifacts converted with proximal=True); None: no proximal term
-    protocol_version: int = PROTOCOL_VERSION
-
-
 # ---------------------------------------------------------------------------- field checks
 
 
-def _uint(value: object, what: str, bits: int = 64, low: int = 0) -> int:
+def check_uint(value: object, what: str, bits: int = 64, low: int = 0) -> int:
     """`value` as an int in [low, 2**bits) (bools and floats are refused)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ProtocolError(f"{what} must be an integer, got {value!r:.80}")
@@ -91,7 +68,7 @@ def _uint(value: object, what: str, bits: int = 64, low: int = 0) -> int:
     return int(value)
 
 
-def _real(value: object, what: str, low: float, high: float = math.inf, low_open: bool = True) -> float:
+def check_real(value: object, what: str, low: float, high: float = math.inf, low_open: bool = True) -> float:
     """`value` as a finite float in (low, high] (or [low, high] when not `low_open`)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ProtocolError(f"{what} must be a finite number, got {value!r:.80}")
@@ -100,7 +77,7 @@ def _real(value: object, what: str, low: float, high: float = math.inf, low_open
     return float(value)
 
 
-def _optional(value: object, check: Any, *args: Any) -> Any:
+def optional(value: object, check: Any, *args: Any) -> Any:
     """None, or `value` passed through `check`."""
     return None if value is None else check(value, *args)
 
@@ -114,14 +91,15 @@ def _text(value: object, what: str) -> str:
     return value
 
 
-def _model_hash(value: object, what: str = "model_hash") -> str:
+def check_hash(value: object, what: str = "model_hash") -> str:
     """A 'sha256:<64 lowercase hex>' string."""
-    if not isinstance(value, str) or not _HASH.fullmatch(value):
-        raise ProtocolError(f"{what} {value!r:.80} is not 'sha256:' + 64 lowercase hex digits")
-    return value
+    try:
+        return ContentHash(value, what)
+    except ManifestError as error:
+        raise ProtocolError(str(error)) from None
 
 
-def _encoding(value: object) -> str:
+def check_encoding(value: object) -> str:
     """One of the encoding names in ENCODINGS."""
     if value not in ENCODINGS:
         raise ProtocolError(f"encoding {value!r:.80} is not one of {sorted(ENCODINGS)}")
@@ -172,7 +150,7 @@ def _build_tensor(builder: flatbuffers.Builder, index: int, tensor: np.ndarray, 
     fb.TensorAddIndex(builder, index)
     fb.TensorAddEncoding(builder, ENCODINGS[encoding][0])
     fb.TensorAddScale(builder, scale)
-    fb.TensorAddNumElements(builder, _uint(size, f"{where} size", 32))
+    fb.TensorAddNumElements(builder, check_uint(size, f"{where} size", 32))
     if indices_vector is not None:
         fb.TensorAddIndices(builder, indices_vector)
     fb.TensorAddData(builder, data_vector)
@@ -184,7 +162,7 @@ def _build_metric(builder: flatbuffers.Builder, name: str, value: float) -> int:
     name_offset = builder.CreateString(_text(name, "metric name"))
     fb.MetricStart(builder)
     fb.MetricAddName(builder, name_offset)
-    fb.MetricAddValue(builder, _real(value, f"metric {name}", -math.inf))
+    fb.MetricAddValue(builder, check_real(value, f"metric {name}", -math.inf))
     return fb.MetricEnd(builder)
 
 
@@ -198,34 +176,34 @@ def _table_vector(builder: flatbuffers.Builder, offsets: list[int]) -> int:
 
 def encode_update(update: ModelUpdate, encoding: str = "float32", topk: float | None = None) -> bytes:
     """Serialize `update` with one encoding for every tensor, optionally top-k sparsified."""
-    _encoding(encoding)
-    topk = _optional(topk, _real, "topk", 0.0, 1.0)
+    check_encoding(encoding)
+    topk = optional(topk, check_real, "topk", 0.0, 1.0)
     size = sum(np.asarray(t).size for t in update.tensors) * 4 + 4096
     builder = flatbuffers.Builder(size)
     tensors = [_build_tensor(builder, i, t, encoding, topk) for i, t in enumerate(update.tensors)]
     metrics = [_build_metric(builder, name, value) for name, value in update.metrics.items()]
     strings = [builder.CreateString(s) for s in (
         check_id(update.fleet, "fleet"), check_id(update.device_id, "device_id"),
-        _text(update.update_id, "update_id"), _model_hash(update.model_hash))]
+        _text(update.update_id, "update_id"), check_hash(update.model_hash))]
     tensors_vector, metrics_vector = _table_vector(builder, tensors), _table_vector(builder, metrics)
     fb.UpdateStart(builder)
     fb.UpdateAddProtocolVersion(builder, PROTOCOL_VERSION)
     fb.UpdateAddFleet(builder, strings[0])
-    fb.UpdateAddRound(builder, _uint(update.round, "round"))
+    fb.UpdateAddRound(builder, check_uint(update.round, "round"))
     fb.UpdateAddDeviceId(builder, strings[1])
     fb.UpdateAddUpdateId(builder, strings[2])
     fb.UpdateAddModelHash(builder, strings[3])
-    fb.UpdateAddNumExamples(builder, _uint(update.num_examples, "num_examples"))
+    fb.UpdateAddNumExamples(builder, check_uint(update.num_examples, "num_examples"))
     fb.UpdateAddMetrics(builder, metrics_vector)
     fb.UpdateAddTensors(builder, tensors_vector)
     builder.Finish(fb.UpdateEnd(builder), file_identifier=FILE_IDENTIFIER)
     return bytes(builder.Output())
 
 
-def max_update_bytes(manifest: dict) -> int:
+def max_update_bytes(manifest: Manifest) -> int:
     """The default payload bound: every weight sent sparse in float32 (8 bytes each) plus slack."""
-    weights = manifest["weights"]
-    return 8 * sum(math.prod(w["shape"]) for w in weights) + 65536 + 64 * len(weights)
+    weights = manifest.weights
+    return 8 * sum(math.prod(w.shape) for w in weights) + 65536 + 64 * len(weights)
 
 
 def _decode_metrics(root: _flatbuf.Table, variables: list[str]) -> dict[str, float]:
@@ -256,7 +234,7 @@ def _decode_tensor(table: _flatbuf.Table, weight: dict, size: int, where: str) -
     num_elements = int(table.scalar(3, _U32, 0, "num_elements"))
     if num_elements != size:
         raise ProtocolError(
-            f"{where}: num_elements is {num_elements}, the shape {list(weight['shape'])} has {size}")
+            f"{where}: num_elements is {num_elements}, the shape {list(weight.shape)} has {size}")
     scale = float(table.scalar(2, _F32, 0.0, "scale"))
     if name == "int8" and not (math.isfinite(scale) and scale >= 0):
         raise ProtocolError(f"{where}: int8 scale {scale} is not finite and >= 0")
@@ -279,13 +257,13 @@ def _decode_tensor(table: _flatbuf.Table, weight: dict, size: int, where: str) -
     if not np.isfinite(values).all():
         raise ProtocolError(f"{where}: values are not all finite")
     if sparse is None:
-        return values.astype(np.float32).reshape(weight["shape"])
+        return values.astype(np.float32).reshape(weight.shape)
     indices = np.frombuffer(table.buf.data, "<u4", count, sparse[0])
     if count and ((indices[1:] <= indices[:-1]).any() or indices[-1] >= size):
         raise ProtocolError(f"{where}: indices are not strictly increasing and below {size}")
     dense = np.zeros(size, np.float32)
     dense[indices] = values
-    return dense.reshape(weight["shape"])
+    return dense.reshape(weight.shape)
 
 
 def _decode_tensors(root: _flatbuf.Table, weights: list[dict], sizes: list[int]) -> list[np.ndarray]:
@@ -298,18 +276,18 @@ def _decode_tensors(root: _flatbuf.Table, weights: list[dict], sizes: list[int])
         index = int(table.scalar(0, _U32, 0, "index"))
         if index >= len(weights):
             raise ProtocolError(f"{table.what}: index {index} is not below {len(weights)} weights")
-        where = f"tensor {index} ({weights[index]['name']})"
+        where = f"tensor {index} ({weights[index].name})"
         if tensors[index] is not None:
             raise ProtocolError(f"{where} appears twice")
         tensors[index] = _decode_tensor(table, weights[index], sizes[index], where)
     return tensors  # type: ignore[return-value]  # all filled: len(weights) distinct indices
 
 
-def decode_update(payload: bytes, manifest: dict, max_bytes: int | None = None,
+def decode_update(payload: bytes, manifest: Manifest, max_bytes: int | None = None,
                   fleet: str | None = None, device_id: str | None = None) -> ModelUpdate:
     """Check an untrusted update against `manifest` (and fleet/device when given) and decode it."""
-    weights = manifest["weights"]
-    sizes = [math.prod(w["shape"]) for w in weights]
+    weights = manifest.weights
+    sizes = [math.prod(w.shape) for w in weights]
     limit = max_update_bytes(manifest) if max_bytes is None else max_bytes
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"payload must be bytes, got {type(payload).__name__}")
@@ -328,16 +306,16 @@ def decode_update(payload: bytes, manifest: dict, max_bytes: int | None = None,
             round=int(root.scalar(2, _U64, 0, "round")),
             device_id=check_id(root.string(3, MAX_STRING_BYTES, "device_id"), "device_id"),
             update_id=_text(root.string(4, MAX_STRING_BYTES, "update_id"), "update_id"),
-            model_hash=_model_hash(root.string(5, MAX_STRING_BYTES, "model_hash")),
+            model_hash=check_hash(root.string(5, MAX_STRING_BYTES, "model_hash")),
             num_examples=int(root.scalar(6, _U64, 0, "num_examples")),
-            metrics=_decode_metrics(root, list(manifest["metrics"]["variables"])),
+            metrics=_decode_metrics(root, list(manifest.metrics.variables)),
             tensors=[],
         )
-        for expected, got, what in ((manifest["content_hash"], update.model_hash, "model_hash"),
-                                    (fleet, update.fleet, "fleet"),
-                                    (device_id, update.device_id, "device_id")):
+        for expected, got, what, fault in ((manifest.content_hash, update.model_hash, "model_hash", Fault.WRONG_MODEL),
+                                           (fleet, update.fleet, "fleet", Fault.WRONG_SENDER),
+                                           (device_id, update.device_id, "device_id", Fault.WRONG_SENDER)):
             if expected is not None and got != expected:
-                raise ProtocolError(f"{what} is {got!r}, expected {expected!r}")
+                raise ProtocolError(f"{what} is {got!r}, expected {expected!r}", fault)
         update.tensors = _decode_tensors(root, weights, sizes)
     except (struct.error, IndexError, OverflowError) as error:
         raise ProtocolError(f"malformed update: {error}") from None
@@ -357,7 +335,7 @@ def encode_weights(fleet: str, round: int, model_hash: str, weights: list[np.nda
                                      metrics={name: 0.0 for name in metric_variables}, tensors=weights), encoding)
 
 
-def decode_weights(payload: bytes, manifest: dict, fleet: str | None = None) -> ModelUpdate:
+def decode_weights(payload: bytes, manifest: Manifest, fleet: str | None = None) -> ModelUpdate:
     """Check and decode a global-weights payload; `.tensors` are the weights, `.round` their round."""
     return decode_update(payload, manifest, fleet=fleet, device_id=WEIGHTS_SENDER)
 
@@ -370,7 +348,7 @@ def payload_hash(payload: bytes) -> str:
 # ---------------------------------------------------------------------------- tasks and statuses
 
 
-def _load_json(payload: bytes, limit: int, what: str) -> dict:
+def load_json(payload: bytes, limit: int, what: str) -> dict:
     """A JSON object from at most `limit` bytes of UTF-8 (NaN and Infinity refused)."""
     if not isinstance(payload, (bytes, bytearray)):
         raise ProtocolError(f"{what} payload must be bytes, got {type(payload).__name__}")
@@ -393,7 +371,7 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed")
 
 
-def _dump_json(message: dict, limit: int, what: str) -> bytes:
+def dump_json(message: dict, limit: int, what: str) -> bytes:
     """Compact UTF-8 JSON of `message`, refusing non-finite numbers and oversized results."""
     try:
         payload = json.dumps(message, allow_nan=False, separators=(",", ":")).encode("utf-8")
@@ -402,48 +380,6 @@ def _dump_json(message: dict, limit: int, what: str) -> bytes:
     if len(payload) > limit:
         raise ProtocolError(f"{what} has {len(payload)} bytes, more than the {limit} allowed")
     return payload
-
-
-def _checked_task(fields: dict) -> Task:
-    """A Task whose every field has the right type and range."""
-    selected = fields["selected"]
-    if selected is not None and not isinstance(selected, list):
-        raise ProtocolError(f"selected must be a list of device ids or null, got {selected!r:.80}")
-    return Task(
-        round=_uint(fields["round"], "round"),
-        run_id=check_id(fields["run_id"], "run_id"),
-        model_hash=_model_hash(fields["model_hash"]),
-        learning_rate=_optional(fields["learning_rate"], _real, "learning_rate", 0.0),
-        epochs=_uint(fields["epochs"], "epochs", 31, 1),
-        max_steps=_optional(fields["max_steps"], _uint, "max_steps", 63, 1),
-        max_seconds=_optional(fields["max_seconds"], _real, "max_seconds", 0.0),
-        deadline=_real(fields["deadline"], "deadline", 0.0),
-        selected=None if selected is None else [check_id(d, "selected device id") for d in selected],
-        fraction=_optional(fields["fraction"], _real, "fraction", 0.0, 1.0),
-        encoding=_encoding(fields["encoding"]),
-        topk=_optional(fields["topk"], _real, "topk", 0.0, 1.0),
-        seed=_uint(fields["seed"], "seed"),
-        weights_hash=_optional(fields["weights_hash"], _model_hash, "weights_hash"),
-        proximal_mu=_optional(fields["proximal_mu"], _real, "proximal_mu", 0.0, math.inf, False),
-        protocol_version=PROTOCOL_VERSION,
-    )
-
-
-def encode_task(task: Task) -> bytes:
-    """The JSON bytes of a checked task."""
-    if task.protocol_version != PROTOCOL_VERSION:
-        raise ProtocolError(f"task protocol_version {task.protocol_version}, expected {PROTOCOL_VERSION}")
-    return _dump_json(dataclasses.asdict(_checked_task(dataclasses.asdict(task))), MAX_TASK_BYTES, "task")
-
-
-def decode_task(payload: bytes) -> Task:
-    """Check and decode a task: exactly Task's fields, each of the right type and range."""
-    message = _load_json(payload, MAX_TASK_BYTES, "task")
-    names = {field.name for field in dataclasses.fields(Task)}
-    if message.keys() != names:
-        raise ProtocolError(f"task fields differ: missing {sorted(names - message.keys())}, "
-                            f"unknown {sorted(message.keys() - names)[:10]}")
-    return _checked_task(message)
 
 
 # A signed task wraps the exact task bytes; the signature covers this context, the task topic and those bytes.
@@ -472,14 +408,14 @@ def encode_signed_task(signed: SignedTask) -> bytes:
     """The JSON envelope of a signed task (docs/protocol.md, "Signed tasks")."""
     if not _KEY_ID.fullmatch(signed.key_id) or len(signed.signature) != SIGNATURE_BYTES:
         raise ProtocolError(f"a signed task needs a 16-hex key id and a {SIGNATURE_BYTES}-byte signature")
-    return _dump_json({"protocol_version": PROTOCOL_VERSION, "task": base64.b64encode(signed.task).decode("ascii"),
+    return dump_json({"protocol_version": PROTOCOL_VERSION, "task": base64.b64encode(signed.task).decode("ascii"),
                        "key_id": signed.key_id, "signature": base64.b64encode(signed.signature).decode("ascii")},
                       MAX_SIGNED_TASK_BYTES, "signed task")
 
 
 def decode_signed_task(payload: bytes) -> SignedTask | None:
     """The signed task in a task payload, or None when the payload is a plain task; ProtocolError if malformed."""
-    message = _load_json(payload, MAX_SIGNED_TASK_BYTES, "task")
+    message = load_json(payload, MAX_SIGNED_TASK_BYTES, "task")
     if "signature" not in message:
         return None
     if message.keys() != _SIGNED_TASK_FIELDS:
@@ -497,16 +433,6 @@ def decode_signed_task(payload: bytes) -> SignedTask | None:
     return SignedTask(task, key_id, signature)
 
 
-def is_selected(task: Task, device_id: str) -> bool:
-    """Whether `device_id` trains this round: listed, else a hash draw below `fraction`, else all."""
-    if task.selected is not None:
-        return device_id in task.selected
-    if task.fraction is None:
-        return True
-    digest = hashlib.sha256(f"{task.seed}:{task.round}:{device_id}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64 < task.fraction
-
-
 def encode_status(state: str, round: int | None = None, **extra: Any) -> bytes:
     """A device status message (retained on its status topic; 'offline' is the last will)."""
     if state not in STATES:
@@ -514,15 +440,15 @@ def encode_status(state: str, round: int | None = None, **extra: Any) -> bytes:
     if "protocol_version" in extra:
         raise ProtocolError("protocol_version is set by the codec, not by the caller")
     message = {"protocol_version": PROTOCOL_VERSION, "state": state,
-               "round": _optional(round, _uint, "round"), **extra}
-    return _dump_json(message, MAX_STATUS_BYTES, "status")
+               "round": optional(round, check_uint, "round"), **extra}
+    return dump_json(message, MAX_STATUS_BYTES, "status")
 
 
 def decode_status(payload: bytes) -> dict:
     """Check and decode a status: a known state, a round or null, and any extra fields."""
-    message = _load_json(payload, MAX_STATUS_BYTES, "status")
+    message = load_json(payload, MAX_STATUS_BYTES, "status")
     if message.get("state") not in STATES:
         raise ProtocolError(f"status state {message.get('state')!r:.40} is not one of {STATES}")
-    _optional(message.get("round"), _uint, "status round")
+    optional(message.get("round"), check_uint, "status round")
     message.setdefault("round", None)
     return message

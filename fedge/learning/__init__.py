@@ -6,15 +6,16 @@ The model interface (`Model`, `from_keras_model`) needs TensorFlow and is import
 use; the rest is numpy, so a server of a converted `.tflite` never loads TensorFlow.
 """
 
-import importlib
 from typing import Any
 
-from fedge.learning import executors, finalizers, metrics, optimizers
+from device_runtime.protocol import ClientWork, RoundConfig
+from fedge.learning import algorithms, executors, finalizers, metrics, models, optimizers
 from fedge.learning.aggregation import Aggregator, ClientWeighting, MeanAggregator, NormClipping
-from fedge.learning.evaluation import FederatedEvaluation, build_federated_evaluation
+from fedge.learning.evaluation import EvaluationProcess, FederatedEvaluation, build_fed_eval, build_federated_evaluation
 from fedge.learning.process import (
     LearningProcess,
     build_federated_averaging_process,
+    build_weighted_fed_avg,
     build_weighted_fed_prox,
 )
 from fedge.learning.privacy import GaussianFixedDP, dp_epsilon
@@ -25,7 +26,9 @@ __all__ = [
     "Aggregator",
     "BatchOutput",
     "ClientWeighting",
+    "ClientWork",
     "CoordinateMedian",
+    "EvaluationProcess",
     "FederatedEvaluation",
     "GaussianFixedDP",
     "LearningProcess",
@@ -34,9 +37,13 @@ __all__ = [
     "Model",
     "ModelWeights",
     "NormClipping",
+    "RoundConfig",
     "TrimmedMean",
+    "algorithms",
+    "build_fed_eval",
     "build_federated_averaging_process",
     "build_federated_evaluation",
+    "build_weighted_fed_avg",
     "build_weighted_fed_prox",
     "dp_epsilon",
     "executors",
@@ -44,19 +51,16 @@ __all__ = [
     "from_keras_model",
     "load_state",
     "metrics",
+    "models",
     "optimizers",
     "save_state",
     "unpack_batch",
 ]
 
-_NEEDS_TENSORFLOW = {"BatchOutput": "fedge.learning.model", "Model": "fedge.learning.model",
-                     "unpack_batch": "fedge.learning.model", "from_keras_model": "fedge.learning.keras_model"}
-
-
 def __getattr__(name: str) -> Any:
-    """Import a name that needs TensorFlow when it is first used (PEP 562)."""
-    module = _NEEDS_TENSORFLOW.get(name)
-    if module is None:
+    """The model interface (Model, from_keras_model, ...), which needs TensorFlow, from fedge.learning.models on
+    first use (PEP 562)."""
+    if name not in models.__all__:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = globals()[name] = getattr(importlib.import_module(module), name)
+    value = globals()[name] = getattr(models, name)
     return value

@@ -10,16 +10,15 @@ from fedge.learning.executors import Executor, get_default_executor
 from fedge.learning.lowering import lower_model_fn
 from fedge.learning.metrics import sum_then_finalize
 from fedge.learning.state import ModelWeights
+from fedge.templates import IterativeProcess
 
 
 class FederatedEvaluation:
     """`(model_weights, federated_data) -> {"eval": finalized metrics, "num_clients": n}` (TFF's federated evaluation)."""
 
-    def __init__(self, artifact: Artifact, metric_finalizers: dict[str, list[str]],
-                 executor: Executor | None) -> None:
-        """Evaluate with `artifact`'s `evaluate` signature; `executor` None uses the default executor."""
+    def __init__(self, artifact: Artifact, executor: Executor | None) -> None:
+        """Evaluate with `artifact`'s `evaluate` signature and metric finalizers; `executor` None uses the default."""
         self._artifact = artifact
-        self._finalizers = metric_finalizers
         self._executor = executor
 
     @property
@@ -33,9 +32,9 @@ class FederatedEvaluation:
         executor = self._executor if self._executor is not None else get_default_executor()
         clients = executor.prepare(federated_data, manifest)
         weights = model_weights.for_manifest(manifest).to_list()
-        aggregator = sum_then_finalize(self._finalizers)
+        aggregator = sum_then_finalize(manifest.metrics.finalizers)
         num_clients = 0
-        for metrics in executor.evaluate(self._artifact.tflite_bytes, weights, clients):
+        for metrics in executor.evaluate(self._artifact, weights, clients):
             aggregator.add(metrics)
             num_clients += 1
         return {"eval": aggregator.result(), "num_clients": num_clients}
@@ -46,5 +45,33 @@ def build_federated_evaluation(model_fn: Callable[[], Any], batch_size: int | No
     """Lower `model_fn`'s model once for evaluation (batch size: given, else the model's batch_size_hint)."""
     import keras  # here, not above: serving a .tflite evaluates without TensorFlow
 
-    lowered = lower_model_fn(model_fn, batch_size, keras.optimizers.SGD())  # evaluation never steps the optimizer
-    return FederatedEvaluation(lowered.artifact, lowered.metric_finalizers, executor)
+    artifact = lower_model_fn(model_fn, batch_size, keras.optimizers.SGD())  # evaluation never steps the optimizer
+    return FederatedEvaluation(artifact, executor)
+
+
+class EvaluationProcess(IterativeProcess):
+    """Federated evaluation as a process (TFF's `build_fed_eval`): its state is the model weights to evaluate;
+    `next(state, federated_data)` returns (state, {"eval": finalized metrics, "num_clients": n})."""
+
+    def __init__(self, evaluation: FederatedEvaluation, initial_weights: ModelWeights) -> None:
+        """Evaluate with `evaluation`, starting from `initial_weights`."""
+        super().__init__(lambda: initial_weights, lambda state, data: (state, evaluation(state, data)))
+
+    def get_model_weights(self, state: ModelWeights) -> ModelWeights:
+        """The weights `state` evaluates."""
+        return state
+
+    def set_model_weights(self, state: ModelWeights, model_weights: ModelWeights) -> ModelWeights:
+        """A state that evaluates `model_weights` (e.g. a training process's, each round)."""
+        return model_weights
+
+
+def build_fed_eval(model_fn: Callable[[], Any], batch_size: int | None = None,
+                   executor: Executor | None = None) -> EvaluationProcess:
+    """TFF's `tff.learning.algorithms.build_fed_eval`: an evaluation process over `model_fn`'s model, lowered once."""
+    from device_runtime import TrainableModel
+
+    evaluation = build_federated_evaluation(model_fn, batch_size, executor)
+    artifact = evaluation.artifact
+    initial = TrainableModel(artifact.tflite_bytes, num_threads=1).get_weights()
+    return EvaluationProcess(evaluation, ModelWeights.from_list(artifact.manifest, initial))

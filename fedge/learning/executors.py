@@ -8,10 +8,10 @@ device_runtime, in parallel worker processes, and yields in CLIENT ORDER, so agg
 never depends on which client finished first; the MQTT executor (fedge.server) sends the
 round to devices and yields their updates as they arrive.
 
-Shuffle seeds are derived alike everywhere: a round seed from (process seed, round), then each
-client's seed from (round seed, client id) with the device agent's own `device_shuffle_seed`;
-the MQTT task carries the round seed. So the same clients, seeds and data train identically
-in-process and on devices.
+Both train from a `RoundConfig` (device_runtime.protocol): the in-process executor hands it to
+every worker inside a `Task`, as the MQTT executor hands it to devices, and every client runs
+the device's own `DeviceRound`; each derives its shuffle seed from the round's seed and its id.
+So the same clients, seeds and data train identically in-process and on devices.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import abc
 import collections
 import contextlib
 import hashlib
+import math
+import os
 import multiprocessing
 import sys
 import tempfile
@@ -32,29 +34,16 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from device_runtime.agent import device_shuffle_seed
-from device_runtime.artifact import read_manifest
+from device_runtime.artifact import Artifact
 from device_runtime.interpreter import default_num_threads
-from device_runtime.protocol import decode_update, encode_weights
-from fedge._client_worker import SIMULATION_FLEET, ClientTask, client_id, evaluate_client, train_client
+from device_runtime.manifest import Manifest
+from device_runtime.protocol import (ClientWork, ProtocolError, RoundConfig, Task, check_id, decode_update,
+                                     encode_weights, payload_hash)
+from fedge._client_worker import SIMULATION_FLEET, ClientTask, evaluate_client, train_client
 from fedge.learning.federated_data import LocalClient, local_clients
 
 _Result = TypeVar("_Result")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How clients train in one round; `seed` None trains in-process clients on their examples in order.
-
-    `learning_rate` None keeps the artifact's client learning rate.
-    """
-
-    round_num: int
-    epochs: int = 1
-    max_steps: int | None = None
-    proximal_mu: float | None = None
-    seed: int | None = 0
-    learning_rate: float | None = None
+IN_PROCESS_RUN = "in-process"  # the run id of the tasks in-process clients train (no device remembers it)
 
 
 @dataclass
@@ -77,17 +66,15 @@ class RoundFailedError(Exception):
         self.report = dict(report)
 
 
+class RoundInterruptedError(Exception):
+    """The round in progress was abandoned because the server is stopping (FleetExecutor.interrupt)."""
+
+
 def round_seed(seed: int | None, round_num: int) -> int | None:
     """The seed of one round (what an MQTT task carries), a 63-bit integer derived from (process seed, round)."""
     if seed is None:
         return None
     return int(np.random.SeedSequence([seed, round_num]).generate_state(1, np.uint64)[0]) >> 1
-
-
-def client_shuffle_seed(seed: int | None, round_num: int, client_id: str) -> int | None:
-    """The shuffle seed of one client in one round: the device's derivation from the round seed and its id."""
-    task_seed = round_seed(seed, round_num)
-    return None if task_seed is None else device_shuffle_seed(task_seed, client_id)
 
 
 class Executor(abc.ABC):
@@ -98,19 +85,66 @@ class Executor(abc.ABC):
     it raises RoundFailedError when the round cannot be aggregated.
     """
 
-    def prepare(self, federated_data: Iterable[Any], manifest: Mapping[str, Any]) -> Sequence[Any]:
+    def prepare(self, federated_data: Iterable[Any], manifest: Manifest) -> Sequence[Any]:
         """The round's clients, checked before any trains: by default client datasets, checked against the manifest."""
         return local_clients(federated_data, manifest)
 
     @abc.abstractmethod
-    def train(self, artifact: bytes, weights: Sequence[np.ndarray], clients: Sequence[Any],
-              config: TrainConfig) -> Iterator[ClientUpdate]:
-        """Each prepared client trains from `weights` (every weight, manifest order)."""
+    def train(self, artifact: Artifact, weights: Sequence[np.ndarray], clients: Sequence[Any],
+              config: RoundConfig) -> Iterator[ClientUpdate]:
+        """Each prepared client trains from `weights` (every weight, manifest order) as `config` says."""
 
     @abc.abstractmethod
-    def evaluate(self, artifact: bytes, weights: Sequence[np.ndarray],
+    def evaluate(self, artifact: Artifact, weights: Sequence[np.ndarray],
                  clients: Sequence[Any]) -> Iterator[dict[str, float]]:
         """Each prepared client's unfinalized metrics of `weights`."""
+
+
+class FleetExecutor(Executor):
+    """An executor whose clients are a live fleet of devices that check in: what a FederatedServer drives.
+
+    A round's `federated_data` is the list of selected device ids. Besides training, such an
+    executor says who is available, selects with over-selection, keeps a job's run id, may
+    journal updates so a killed server loses none, and can be interrupted by a stopping server.
+    """
+
+    run_id: str  # the job's id, in every task (devices train each (run_id, round) once)
+    min_reports: int  # a round with fewer accepted reports fails
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Connect to the fleet; ConnectionError when it cannot be reached."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Disconnect for good."""
+
+    @abc.abstractmethod
+    def wait_for_devices(self, timeout: float) -> list[str]:
+        """The available devices once enough to select a round from are there, or what is available at `timeout`."""
+
+    @abc.abstractmethod
+    def select(self, seed: int | None, round_num: int) -> list[str]:
+        """The devices to ask for round `round_num`, drawn with the round's seed."""
+
+    @abc.abstractmethod
+    def interrupt(self) -> None:
+        """Abandon the round in progress and any wait, soon (the server is stopping)."""
+
+    def use_journal(self, path: str | os.PathLike[str]) -> None:
+        """Journal every accepted update to `path` before acknowledging it, replaying a killed run's (default: none)."""
+
+    def checkpointed(self) -> None:
+        """The round just ended is checkpointed: its journal is no longer needed (default: nothing to do)."""
+
+    def __enter__(self) -> FleetExecutor:
+        """Connect, as a context manager that closes the executor."""
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Close the executor."""
+        self.close()
 
 
 class InProcessExecutor(Executor):
@@ -133,24 +167,26 @@ class InProcessExecutor(Executor):
         self._folder = tempfile.TemporaryDirectory(prefix="fedge-executor-")
         self._pool: Any = None
 
-    def train(self, artifact: bytes, weights: Sequence[np.ndarray], clients: Sequence[LocalClient],
-              config: TrainConfig) -> Iterator[ClientUpdate]:
+    def train(self, artifact: Artifact, weights: Sequence[np.ndarray], clients: Sequence[LocalClient],
+              config: RoundConfig) -> Iterator[ClientUpdate]:
         """Train every client in parallel; yield their decoded updates in client order."""
-        with self._distributed(artifact, weights, config.round_num) as (manifest, artifact_path, weights_path, size):
-            tasks = (ClientTask(artifact_path, weights_path, index, config.round_num, client.x, client.y,
-                                config.epochs, config.max_steps,
-                                client_shuffle_seed(config.seed, config.round_num, client.client_id),
-                                config.proximal_mu, config.learning_rate)
-                     for index, client in enumerate(clients))
-            for index, payload in enumerate(self._ordered(train_client, tasks)):
-                update = decode_update(payload, manifest, fleet=SIMULATION_FLEET, device_id=client_id(index))
-                yield ClientUpdate(update.tensors, update.num_examples, update.metrics, size, len(payload))
+        with self._distributed(artifact, weights, config.round) as (artifact_path, weights_path, payload):
+            task = Task(IN_PROCESS_RUN, config, artifact.content_hash, payload_hash(payload), math.inf)
+            device_ids = [_device_id(index, client) for index, client in enumerate(clients)]
+            tasks = (ClientTask(artifact_path, weights_path, task, device_id, client.x, client.y)
+                     for device_id, client in zip(device_ids, clients))
+            for device_id, update_payload in zip(device_ids, self._ordered(train_client, tasks)):
+                update = decode_update(update_payload, artifact.manifest, fleet=SIMULATION_FLEET, device_id=device_id)
+                yield ClientUpdate(update.tensors, update.num_examples, update.metrics, len(payload),
+                                   len(update_payload))
 
-    def evaluate(self, artifact: bytes, weights: Sequence[np.ndarray],
+    def evaluate(self, artifact: Artifact, weights: Sequence[np.ndarray],
                  clients: Sequence[LocalClient]) -> Iterator[dict[str, float]]:
         """Evaluate every client in parallel; yield their unfinalized metrics in client order."""
-        with self._distributed(artifact, weights, 0) as (_, artifact_path, weights_path, _):
-            tasks = (ClientTask(artifact_path, weights_path, index, 0, client.x, client.y)
+        with self._distributed(artifact, weights, 0) as (artifact_path, weights_path, payload):
+            task = Task(IN_PROCESS_RUN, RoundConfig(0, None, ClientWork()), artifact.content_hash,
+                        payload_hash(payload), math.inf)
+            tasks = (ClientTask(artifact_path, weights_path, task, _device_id(index, client), client.x, client.y)
                      for index, client in enumerate(clients))
             yield from self._ordered(evaluate_client, tasks)
 
@@ -180,29 +216,29 @@ class InProcessExecutor(Executor):
         return str(path)
 
     @contextlib.contextmanager
-    def _distributed(self, artifact: bytes, weights: Sequence[np.ndarray],
-                     round_num: int) -> Iterator[tuple[dict[str, Any], str, str, int]]:
-        """Artifact and weights payload as files for the workers: (manifest, paths, payload size); weights for one round."""
-        manifest = read_manifest(artifact)
-        payload = encode_weights(SIMULATION_FLEET, round_num, manifest["content_hash"], list(weights),
-                                 manifest["metrics"]["variables"])
-        artifact_path = self._file(manifest["content_hash"].removeprefix("sha256:") + ".tflite", artifact)
+    def _distributed(self, artifact: Artifact, weights: Sequence[np.ndarray],
+                     round_num: int) -> Iterator[tuple[str, str, bytes]]:
+        """Artifact and weights payload as files for the workers: (their paths, the payload); weights for one round."""
+        manifest = artifact.manifest
+        payload = encode_weights(SIMULATION_FLEET, round_num, manifest.content_hash, list(weights),
+                                 manifest.metrics.variables)
+        artifact_path = self._file(manifest.content_hash.hex + ".tflite", artifact.tflite_bytes)
         weights_path = self._file(f"weights-{hashlib.sha256(payload).hexdigest()}.bin", payload)
         try:
-            yield manifest, artifact_path, weights_path, len(payload)
+            yield artifact_path, weights_path, payload
         finally:
             Path(weights_path).unlink(missing_ok=True)
 
     def _ordered(self, work: Callable[[ClientTask], _Result], tasks: Iterable[ClientTask]) -> Iterator[_Result]:
         """Results of `work` on every task, in task order, with at most 2 * num_workers tasks in flight."""
         if self.num_workers == 0:
-            for task in tasks:
-                yield _client_result(task.client_index, lambda: work(task))
+            for index, task in enumerate(tasks):
+                yield _client_result(index, lambda: work(task))
             return
         pool = self._started_pool()
         pending: collections.deque[tuple[int, Any]] = collections.deque()
-        for task in tasks:
-            pending.append((task.client_index, pool.apply_async(work, (task,))))
+        for index, task in enumerate(tasks):
+            pending.append((index, pool.apply_async(work, (task,))))
             if len(pending) >= 2 * self.num_workers:
                 index, result = pending.popleft()
                 yield _client_result(index, result.get)
@@ -217,6 +253,14 @@ class InProcessExecutor(Executor):
                 self._pool = multiprocessing.get_context("spawn").Pool(self.num_workers)
             weakref.finalize(self, self._pool.terminate)  # an executor dropped unclosed stops its workers
         return self._pool
+
+
+def _device_id(index: int, client: LocalClient) -> str:
+    """The device id a client trains as: its client id when that is a valid device id, else client-<index>."""
+    try:
+        return check_id(client.client_id)
+    except ProtocolError:
+        return f"client-{index}"
 
 
 def _client_result(index: int, get: Callable[[], _Result]) -> _Result:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from device_runtime import load_local_data
+from device_runtime.manifest import Manifest
 from fedge.simulation.datasets import ClientDataset
 
 ClientArrays = tuple[np.ndarray, np.ndarray]
@@ -32,14 +33,14 @@ class LocalClient:
     y: np.ndarray
 
 
-def local_clients(federated_data: Iterable[Any], manifest: Mapping[str, Any]) -> list[LocalClient]:
-    """Every client's id and (x, y), checked against and cast to manifest["input"] and ["label"]; errors name the client."""
+def local_clients(federated_data: Iterable[Any], manifest: Manifest) -> list[LocalClient]:
+    """Every client's id and (x, y), checked against and cast to the manifest's input and label specs; errors name the client."""
     if isinstance(federated_data, (str, bytes, Mapping, np.ndarray, tuple)) or not isinstance(federated_data, Iterable):
         raise TypeError(f"federated_data must be a list of client datasets, got {type(federated_data).__name__}")
     return [_checked(index, client, manifest) for index, client in enumerate(federated_data)]
 
 
-def _checked(index: int, client: Any, manifest: Mapping[str, Any]) -> LocalClient:
+def _checked(index: int, client: Any, manifest: Manifest) -> LocalClient:
     """One client after the manifest's checks, errors prefixed with the client's index."""
     try:
         x, y = _arrays(client)
@@ -69,7 +70,7 @@ def _arrays(client: Any) -> ClientArrays:
                     f"or a ClientDataset, got {type(client).__name__}")
 
 
-def _empty(x: np.ndarray, y: np.ndarray, manifest: Mapping[str, Any]) -> ClientArrays:
+def _empty(x: np.ndarray, y: np.ndarray, manifest: Manifest) -> ClientArrays:
     """A client with no examples: its per-example shapes and dtypes are checked with one zero row."""
     try:
         probe = load_local_data((np.zeros((1, *x.shape[1:]), x.dtype), np.zeros((1, *y.shape[1:]), y.dtype)), manifest)

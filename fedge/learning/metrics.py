@@ -22,7 +22,7 @@ class SumThenFinalize:
     """An aggregator of client metrics: `add` each client's unfinalized sums, then `result()`."""
 
     def __init__(self, finalizers: Finalizers) -> None:
-        """Aggregate with these finalizers (manifest["metrics"]["finalizers"] or Model.metric_finalizers())."""
+        """Aggregate with these finalizers (manifest.metrics.finalizers or Model.metric_finalizers())."""
         self.finalizers = dict(finalizers)
         self.sums: dict[str, float] = {}
 

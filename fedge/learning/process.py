@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from device_runtime import TrainableModel
 from device_runtime.artifact import Artifact
+from device_runtime.manifest import Manifest
 from fedge.learning import optimizers
 from fedge.learning.aggregation import Aggregator, ClientWeighting, MeanAggregator
-from fedge.learning.executors import ClientUpdate, Executor, RoundFailedError, TrainConfig, get_default_executor
+from device_runtime.protocol import ClientWork, RoundConfig
+from fedge.learning.executors import ClientUpdate, Executor, RoundFailedError, get_default_executor, round_seed
 from fedge.learning.lowering import lower_model_fn
 from fedge.learning.metrics import sum_then_finalize
 from fedge.learning.state import LearningProcessState, ModelWeights
@@ -39,38 +41,6 @@ Metrics = dict[str, dict[str, Any]]
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class ClientWork:
-    """What every client does in a round: local epochs, a step budget, FedProx's mu, the seed, the learning rate.
-
-    `learning_rate` None keeps the artifact's client learning rate.
-    """
-
-    epochs: int = 1
-    max_steps: int | None = None
-    proximal_mu: float | None = None
-    seed: int | None = 0
-    learning_rate: float | None = None
-
-    def __post_init__(self) -> None:
-        """Refuse values that would only fail later, inside a client."""
-        _check_int("client_epochs", self.epochs, 1)
-        if self.max_steps is not None:
-            _check_int("max_client_steps", self.max_steps, 1)
-        if self.seed is not None:
-            _check_int("seed", self.seed, 0)
-        if self.proximal_mu is not None and not (isinstance(self.proximal_mu, (int, float))
-                                                 and math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
-            raise ValueError(f"proximal_strength must be a finite number >= 0, got {self.proximal_mu!r}")
-        if self.learning_rate is not None and not (isinstance(self.learning_rate, (int, float))
-                                                   and math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate!r}")
-
-    def config(self, round_num: int) -> TrainConfig:
-        """The executor's configuration for one round."""
-        return TrainConfig(round_num, self.epochs, self.max_steps, self.proximal_mu, self.seed, self.learning_rate)
-
-
 class LearningProcess(IterativeProcess):
     """An IterativeProcess over LearningProcessState whose `next(state, federated_data)` runs one round.
 
@@ -78,11 +48,18 @@ class LearningProcess(IterativeProcess):
     (state, metrics) with metrics in TFF's structure: distributor, client_work, aggregator, finalizer.
     """
 
-    def __init__(self, artifact: Artifact, metric_finalizers: dict[str, list[str]], client_work: ClientWork,
-                 client_weighting: ClientWeighting, server_optimizer: optimizers.ServerOptimizer,
-                 executor: Executor | None, model_aggregator: Aggregator | None = None) -> None:
+    def __init__(self, artifact: Artifact, client_work: ClientWork, client_weighting: ClientWeighting,
+                 server_optimizer: optimizers.ServerOptimizer, executor: Executor | None,
+                 model_aggregator: Aggregator | None = None, *, seed: int | None = 0) -> None:
         """Compose a process from its parts; `executor` None uses the default executor at each round,
-        `model_aggregator` None the weighted mean (MeanAggregator)."""
+        `model_aggregator` None the weighted mean (MeanAggregator). `seed` derives every round's seed
+        (clients' shuffling); None trains every client on its examples in their given order."""
+        if not isinstance(client_work, ClientWork):
+            raise TypeError(f"client_work must be a ClientWork, got {type(client_work).__name__}")
+        if client_work.proximal_mu is not None and not artifact.manifest.proximal:
+            raise ValueError("FedProx's proximal_mu needs an artifact converted with proximal=True")
+        if seed is not None:
+            _check_int("seed", seed, 0)
         if not isinstance(client_weighting, ClientWeighting):
             raise TypeError(f"client_weighting must be a ClientWeighting, got {client_weighting!r}")
         model_aggregator = MeanAggregator() if model_aggregator is None else model_aggregator
@@ -94,8 +71,8 @@ class LearningProcess(IterativeProcess):
                             f"got {type(server_optimizer).__name__}")
         super().__init__(self._initialize, self._next)
         self._artifact = artifact
-        self._finalizers = metric_finalizers
         self._client_work = client_work
+        self._seed = seed
         self._weighting = client_weighting
         self._server_optimizer = server_optimizer
         self._executor = executor
@@ -107,6 +84,15 @@ class LearningProcess(IterativeProcess):
     def artifact(self) -> Artifact:
         """The trainable artifact (bytes and manifest) every client runs."""
         return self._artifact
+
+    @property
+    def client_work(self) -> ClientWork:
+        """What every client does in a round."""
+        return self._client_work
+
+    def round_config(self, round_num: int) -> RoundConfig:
+        """The configuration of round `round_num`: its seed derived from the process seed, the client work."""
+        return RoundConfig(round_num, round_seed(self._seed, round_num), self._client_work)
 
     def get_model_weights(self, state: LearningProcessState) -> ModelWeights:
         """The global model weights of `state`."""
@@ -131,9 +117,8 @@ class LearningProcess(IterativeProcess):
         clients = executor.prepare(federated_data, manifest)
         weights = state.global_model_weights.for_manifest(manifest)
         self._check_optimizer_state(state)
-        updates = executor.train(self._artifact.tflite_bytes, weights.to_list(), clients,
-                                 self._client_work.config(state.round_num))
-        return aggregate_round(state, weights, iter(updates), manifest, self._finalizers, self._weighting,
+        updates = executor.train(self._artifact, weights.to_list(), clients, self.round_config(state.round_num))
+        return aggregate_round(state, weights, iter(updates), manifest, self._weighting,
                                self._server_optimizer, self._aggregator)
 
     def _check_optimizer_state(self, state: LearningProcessState) -> None:
@@ -147,7 +132,7 @@ class LearningProcess(IterativeProcess):
 class _RoundSums:
     """What one round aggregates: the model aggregator's round, metric sums, payload bytes."""
 
-    def __init__(self, finalizers: Mapping[str, list[str]], weighting: ClientWeighting, aggregator: Aggregator,
+    def __init__(self, finalizers: Mapping[str, Sequence[str]], weighting: ClientWeighting, aggregator: Aggregator,
                  round_num: int) -> None:
         """Empty sums."""
         self.finalizers, self.weighting = finalizers, weighting
@@ -177,7 +162,7 @@ class _RoundSums:
 
 
 def aggregate_round(state: LearningProcessState, weights: ModelWeights, updates: Iterator[ClientUpdate],
-                    manifest: Mapping[str, Any], finalizers: Mapping[str, list[str]], weighting: ClientWeighting,
+                    manifest: Manifest, weighting: ClientWeighting,
                     server_optimizer: optimizers.ServerOptimizer, model_aggregator: Aggregator | None = None
                     ) -> tuple[LearningProcessState, Metrics]:
     """The aggregator and finalizer of one round, for any executor: fold in updates as they come, then the server step.
@@ -188,7 +173,7 @@ def aggregate_round(state: LearningProcessState, weights: ModelWeights, updates:
     state stay as they were and the round id is spent (state.round_num + 1).
     """
     aggregator = MeanAggregator() if model_aggregator is None else model_aggregator
-    sums = _RoundSums(finalizers, weighting, aggregator, state.round_num)
+    sums = _RoundSums(manifest.metrics.finalizers, weighting, aggregator, state.round_num)
     try:
         report = sums.consume(updates)
     except RoundFailedError as failure:
@@ -211,7 +196,7 @@ def aggregate_round(state: LearningProcessState, weights: ModelWeights, updates:
 
 
 def _server_step(state: LearningProcessState, weights: ModelWeights, mean_delta: list[np.ndarray] | None,
-                 manifest: Mapping[str, Any], server_optimizer: optimizers.ServerOptimizer
+                 manifest: Manifest, server_optimizer: optimizers.ServerOptimizer
                  ) -> tuple[ModelWeights, dict[str, list[np.ndarray]], float]:
     """The server step: (new weights, optimizer state, L2 norm of the mean trainable delta); no-op without deltas."""
     if mean_delta is None:
@@ -224,7 +209,7 @@ def _server_step(state: LearningProcessState, weights: ModelWeights, mean_delta:
     return ModelWeights(trainable, non_trainable, weights.trainable_mask), optimizer_state, norm
 
 
-def build_federated_averaging_process(
+def build_weighted_fed_avg(
         model_fn: Callable[[], Any], client_optimizer_fn: Callable[[], Any],
         server_optimizer_fn: Callable[[], optimizers.ServerOptimizer] = lambda: optimizers.SGD(1.0),
         client_weighting: ClientWeighting = ClientWeighting.NUM_EXAMPLES, *, batch_size: int | None = None,
@@ -238,7 +223,10 @@ def build_federated_averaging_process(
     replaces the weighted mean (clipping, median, trimmed mean, DP: fedge.learning.aggregation).
     """
     return _build(model_fn, client_optimizer_fn, server_optimizer_fn, client_weighting, batch_size,
-                  ClientWork(client_epochs, max_client_steps, None, seed), executor, model_aggregator)
+                  _client_work(client_epochs, max_client_steps, None), seed, executor, model_aggregator)
+
+
+build_federated_averaging_process = build_weighted_fed_avg  # TFF's older name (tff.learning, before 0.50)
 
 
 def build_weighted_fed_prox(
@@ -252,17 +240,29 @@ def build_weighted_fed_prox(
     The artifact is converted with the proximal term (docs/artifact.md, FedProx); mu = 0 is FedAvg.
     """
     return _build(model_fn, client_optimizer_fn, server_optimizer_fn, client_weighting, batch_size,
-                  ClientWork(client_epochs, max_client_steps, proximal_strength, seed), executor, model_aggregator)
+                  _client_work(client_epochs, max_client_steps, proximal_strength), seed, executor, model_aggregator)
 
 
 def _build(model_fn: Callable[[], Any], client_optimizer_fn: Callable[[], Any],
            server_optimizer_fn: Callable[[], optimizers.ServerOptimizer], client_weighting: ClientWeighting,
-           batch_size: int | None, client_work: ClientWork, executor: Executor | None,
+           batch_size: int | None, client_work: ClientWork, seed: int | None, executor: Executor | None,
            model_aggregator: Aggregator | None) -> LearningProcess:
     """Lower the model once and compose the process."""
-    lowered = lower_model_fn(model_fn, batch_size, client_optimizer_fn(), proximal=client_work.proximal_mu is not None)
-    return LearningProcess(lowered.artifact, lowered.metric_finalizers, client_work, client_weighting,
-                           server_optimizer_fn(), executor, model_aggregator)
+    artifact = lower_model_fn(model_fn, batch_size, client_optimizer_fn(), proximal=client_work.proximal_mu is not None)
+    return LearningProcess(artifact, client_work, client_weighting, server_optimizer_fn(), executor, model_aggregator,
+                           seed=seed)
+
+
+def _client_work(epochs: int, max_steps: int | None, proximal_mu: float | None) -> ClientWork:
+    """The builders' client work, with their argument names in the errors (client_epochs, ...)."""
+    try:
+        return ClientWork(epochs=epochs, max_steps=max_steps, proximal_mu=proximal_mu)
+    except ValueError as error:
+        message = str(error)
+        for field, argument in (("epochs", "client_epochs"), ("max_steps", "max_client_steps"),
+                                ("proximal_mu", "proximal_strength")):
+            message = message.replace(field, argument, 1) if message.startswith(field) else message
+        raise ValueError(message) from None
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

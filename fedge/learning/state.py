@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from device_runtime.atomic_file import replace_atomically
+from device_runtime.manifest import Manifest
 
 STATE_FORMAT = "fedge-process-state"
 STATE_FORMAT_VERSION = 1
@@ -23,7 +24,7 @@ class ModelWeights:
     """A model's weights split as TFF's ModelWeights: trainable and non-trainable, each in manifest order.
 
     `trainable_mask` records where each weight sits in the artifact's weight list
-    (manifest["weights"]), so `to_list()` restores that order; by default trainable ones come first.
+    (manifest.weights), so `to_list()` restores that order; by default trainable ones come first.
     """
 
     trainable: list[np.ndarray]
@@ -39,24 +40,24 @@ class ModelWeights:
         object.__setattr__(self, "trainable_mask", tuple(bool(m) for m in mask))
 
     @classmethod
-    def from_list(cls, manifest: Mapping[str, Any], arrays: Sequence[Any]) -> ModelWeights:
-        """Split `arrays` (every weight, manifest order) by manifest["weights"][i]["trainable"], checking shapes."""
-        specs = manifest["weights"]
+    def from_list(cls, manifest: Manifest, arrays: Sequence[Any]) -> ModelWeights:
+        """Split `arrays` (every weight, manifest order) by manifest.weights[i].trainable, checking shapes."""
+        specs = manifest.weights
         if len(arrays) != len(specs):
             raise ValueError(f"the model has {len(specs)} weights, got {len(arrays)}")
         checked = []
         for index, (array, spec) in enumerate(zip(arrays, specs)):
-            array = np.asarray(array, dtype=np.dtype(spec["dtype"]))
-            if array.shape != tuple(spec["shape"]):
-                raise ValueError(f"weight {index} ({spec['name']}): expected shape {tuple(spec['shape'])}, "
+            array = np.asarray(array, dtype=np.dtype(spec.dtype))
+            if array.shape != tuple(spec.shape):
+                raise ValueError(f"weight {index} ({spec.name}): expected shape {tuple(spec.shape)}, "
                                  f"got {array.shape}")
             checked.append(array)
-        mask = tuple(bool(spec["trainable"]) for spec in specs)
+        mask = tuple(bool(spec.trainable) for spec in specs)
         return cls([a for a, t in zip(checked, mask) if t], [a for a, t in zip(checked, mask) if not t], mask)
 
-    def for_manifest(self, manifest: Mapping[str, Any]) -> ModelWeights:
+    def for_manifest(self, manifest: Manifest) -> ModelWeights:
         """These weights laid out as the artifact's manifest says (its trainable mask), shapes checked."""
-        mask = tuple(bool(spec["trainable"]) for spec in manifest["weights"])
+        mask = tuple(bool(spec.trainable) for spec in manifest.weights)
         return ModelWeights.from_list(manifest, ModelWeights(self.trainable, self.non_trainable, mask).to_list())
 
     def to_list(self) -> list[np.ndarray]:

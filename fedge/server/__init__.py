@@ -5,8 +5,9 @@ adds the round loop (selection, evaluation, checkpoints, metrics log, resume); `
 is the command line. docs/server.md describes the rounds, docs/protocol.md the messages.
 """
 
-from fedge.server.mqtt_executor import MqttExecutor, RoundInterruptedError
-from fedge.server.reports import DROP_REASONS
+from fedge.learning.executors import RoundInterruptedError
+from fedge.server.mqtt_executor import MqttExecutor
+from fedge.server.reports import DropReason
 from fedge.server.rounds import FederatedServer, ServerSettings
 
-__all__ = ["DROP_REASONS", "FederatedServer", "MqttExecutor", "RoundInterruptedError", "ServerSettings"]
+__all__ = ["DropReason", "FederatedServer", "MqttExecutor", "RoundInterruptedError", "ServerSettings"]

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from device_runtime.atomic_file import replace_atomically
 from device_runtime.protocol import ProtocolError, check_id
+from device_runtime.manifest import Manifest
 from fedge.learning.state import LearningProcessState, load_state, save_state
 
 logger = logging.getLogger(__name__)
@@ -27,7 +26,7 @@ class Checkpoints:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / CHECKPOINT_FILE
 
-    def latest(self, manifest: Mapping[str, Any]) -> LearningProcessState | None:
+    def latest(self, manifest: Manifest) -> LearningProcessState | None:
         """The saved state, checked against the model's weights, or None when there is none yet."""
         if not self.path.exists():
             return None

@@ -12,6 +12,7 @@ specifies the messages; docs/server.md the rounds.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -19,16 +20,16 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from device_runtime.artifact import read_manifest
-from device_runtime.connection import MqttConnection, TlsFiles, parse_broker_url
+from device_runtime.artifact import Artifact
+from device_runtime.connection import BrokerSettings, MqttConnection
 from device_runtime.protocol import (
-    ENCODINGS,
     ProtocolError,
+    RoundConfig,
     Task,
     check_id,
     encode_task,
@@ -40,8 +41,9 @@ from device_runtime.protocol import (
     update_wildcard,
     weights_topic,
 )
+from device_runtime.manifest import Manifest
 from device_runtime.signing import Ed25519PrivateKey, sign_task
-from fedge.learning.executors import ClientUpdate, Executor, RoundFailedError, TrainConfig, round_seed
+from fedge.learning.executors import ClientUpdate, FleetExecutor, RoundFailedError, RoundInterruptedError, round_seed
 from fedge.server.checkin import DeviceRegistry
 from fedge.server.journal import Message, UpdateJournal
 from fedge.server.reports import ReportGate, RoundWindow
@@ -52,30 +54,26 @@ logger = logging.getLogger(__name__)
 _POLL_S = 0.2  # how often a waiting round looks at the stop flag
 
 
-class RoundInterruptedError(Exception):
-    """The round in progress was abandoned because the server is stopping."""
-
-
-class MqttExecutor(Executor):
+class MqttExecutor(FleetExecutor):
     """Client work over MQTT: `federated_data` is the list of selected device ids; updates arrive as devices report.
 
     `clients_per_round` is the goal K (None: every selected device); `select` picks
     ceil(over_selection * K) available devices; the first K accepted updates close the round,
     else the deadline (`deadline_s` after the task) does, and fewer than `min_reports` fails it.
+    How devices train and encode their updates is the round's ClientWork (the process's), sent in the task.
     """
 
-    def __init__(self, broker_url: str, fleet: str, *, clients_per_round: int | None = None, min_reports: int = 1,
-                 deadline_s: float = 60.0, over_selection: float = 1.3, encoding: str = "float32",
-                 topk: float | None = None, max_seconds: float | None = None, username: str | None = None,
-                 password: str | None = None, tls_ca: str | None = None, tls_cert: str | None = None,
-                 tls_key: str | None = None, connect_timeout_s: float = 30.0,
-                 publish_timeout_s: float = 30.0, signing_key: Ed25519PrivateKey | None = None,
-                 run_id: str | None = None) -> None:
+    def __init__(self, broker: str | BrokerSettings, fleet: str, *, clients_per_round: int | None = None,
+                 min_reports: int = 1, deadline_s: float = 60.0, over_selection: float = 1.3,
+                 signing_key: Ed25519PrivateKey | None = None, run_id: str | None = None,
+                 connect_timeout_s: float = 30.0, publish_timeout_s: float = 30.0) -> None:
         """Check the settings; nothing touches the network before start() (or the first round).
 
-        With `signing_key` every task is signed (device_runtime.signing); it binds the model and weights by hash.
-        `run_id` names the job in its tasks (default: a fresh random id); devices train each (run_id, round)
-        once. FederatedServer replaces it with the id kept in its checkpoint folder when it resumes a job."""
+        `broker` is a URL or a BrokerSettings with credentials and TLS files. With `signing_key` every
+        task is signed (device_runtime.signing); it binds the model and weights by hash. `run_id` names
+        the job in its tasks (default: a fresh random id); devices train each (run_id, round) once.
+        FederatedServer replaces it with the id kept in its checkpoint folder when it resumes a job."""
+        broker = BrokerSettings(broker) if isinstance(broker, str) else broker
         self.fleet = check_id(fleet, "fleet")
         if clients_per_round is not None:
             _check_int("clients_per_round", clients_per_round, 1)
@@ -84,15 +82,8 @@ class MqttExecutor(Executor):
             raise ValueError(f"min_reports ({min_reports}) cannot exceed clients_per_round ({clients_per_round})")
         _check_number("deadline_s", deadline_s, 0.0, low_open=True)
         _check_number("over_selection", over_selection, 1.0)
-        if topk is not None:
-            _check_number("topk", topk, 0.0, 1.0, low_open=True)
-        if max_seconds is not None:
-            _check_number("max_seconds", max_seconds, 0.0, low_open=True)
-        if encoding not in ENCODINGS:
-            raise ValueError(f"encoding must be one of {sorted(ENCODINGS)}, got {encoding!r}")
         self.clients_per_round, self.min_reports = clients_per_round, min_reports
         self.deadline_s, self.over_selection = float(deadline_s), float(over_selection)
-        self.encoding, self.topk, self.max_seconds = encoding, topk, max_seconds
         self.publish_timeout_s, self.connect_timeout_s = publish_timeout_s, connect_timeout_s
         self._signing_key = signing_key
         self.run_id = secrets.token_hex(8) if run_id is None else check_id(run_id, "run_id")
@@ -108,12 +99,11 @@ class MqttExecutor(Executor):
         self._subscribed = threading.Event()
         self._subscription: int | None = None
         self._started = False
-        tls = None if (tls_ca, tls_cert, tls_key) == (None, None, None) else TlsFiles(tls_ca, tls_cert, tls_key)
         self._connection = MqttConnection(
-            parse_broker_url(broker_url), f"fedge-server-{self.fleet}",
+            broker.address, f"fedge-server-{self.fleet}",
             will=(task_topic(self.fleet), b""),  # a server gone without closing clears its task
             on_connect=self._on_connect, on_message=self._on_message, on_subscribed=self._on_subscribed,
-            username=username, password=password, tls_files=tls)
+            username=broker.username, password=broker.password, tls_files=broker.tls)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -156,15 +146,6 @@ class MqttExecutor(Executor):
             self._journal.close()
             self._journal = None
 
-    def __enter__(self) -> MqttExecutor:
-        """Connect, as a context manager that closes the executor."""
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        """Close the executor."""
-        self.close()
-
     # -- check-in and selection -------------------------------------------------------------------
 
     def wait_for_devices(self, timeout: float) -> list[str]:
@@ -184,7 +165,7 @@ class MqttExecutor(Executor):
 
     # -- Executor -------------------------------------------------------------------------------
 
-    def prepare(self, federated_data: Iterable[Any], manifest: Mapping[str, Any]) -> list[str]:
+    def prepare(self, federated_data: Iterable[Any], manifest: Manifest) -> list[str]:
         """The selected device ids, checked: valid topic levels, no repeats, at least min_reports of them."""
         if isinstance(federated_data, (str, bytes)) or not isinstance(federated_data, Iterable):
             raise TypeError(f"over MQTT, federated_data is a list of device ids, got {type(federated_data).__name__}")
@@ -203,48 +184,46 @@ class MqttExecutor(Executor):
             raise ValueError(f"{len(devices)} selected devices cannot give min_reports={self.min_reports} reports")
         return devices
 
-    def train(self, artifact: bytes, weights: Sequence[np.ndarray], clients: Sequence[str],
-              config: TrainConfig) -> Generator[ClientUpdate, None, dict[str, Any]]:
+    def train(self, artifact: Artifact, weights: Sequence[np.ndarray], clients: Sequence[str],
+              config: RoundConfig) -> Generator[ClientUpdate, None, dict[str, Any]]:
         """Configure the round on the broker, then yield accepted updates as they arrive; returns the round report."""
-        manifest = read_manifest(artifact)
-        if config.proximal_mu is not None and not manifest.get("proximal"):
+        manifest = artifact.manifest
+        if config.work.proximal_mu is not None and not manifest.proximal:
             raise ValueError("FedProx's proximal_mu needs an artifact converted with proximal=True")
         self.start()
         started = time.time()
-        weights_payload = encode_weights(self.fleet, config.round_num, manifest["content_hash"], list(weights),
-                                         manifest["metrics"]["variables"])
-        seed = round_seed(config.seed, config.round_num)
+        weights_payload = encode_weights(self.fleet, config.round, manifest.content_hash, list(weights),
+                                         manifest.metrics.variables)
         goal = len(clients) if self.clients_per_round is None else min(self.clients_per_round, len(clients))
-        task = Task(round=config.round_num, run_id=self.run_id, model_hash=manifest["content_hash"],
-                    learning_rate=config.learning_rate,
-                    epochs=config.epochs, max_steps=config.max_steps, max_seconds=self.max_seconds,
-                    deadline=started + self.deadline_s, selected=sorted(clients), fraction=None,
-                    encoding=self.encoding, topk=self.topk, seed=secrets.randbits(63) if seed is None else seed,
-                    weights_hash=payload_hash(weights_payload), proximal_mu=config.proximal_mu)
+        if config.seed is None:  # devices always shuffle: a round without a seed gets a random one
+            config = dataclasses.replace(config, seed=secrets.randbits(63))
+        task = Task(self.run_id, config, manifest.content_hash, payload_hash(weights_payload),
+                    deadline=started + self.deadline_s, selected=tuple(sorted(clients)))
         task_payload = encode_task(task)
         if self._signing_key is not None:
             task_payload = sign_task(self._signing_key, task_topic(self.fleet), task_payload)
-        window = RoundWindow(config.round_num, frozenset(clients), task.deadline, goal, manifest)
+        window = RoundWindow(config.round, frozenset(clients), task.deadline, goal, manifest)
         self._gate.open(window)
-        bytes_published = self._configure(artifact, manifest["content_hash"], weights_payload, task_payload)
+        bytes_published = self._configure(artifact, weights_payload, task_payload)
         configured = time.time()
         logger.info("round %d: task published: %d devices selected, goal %d, at least %d, deadline in %.1f s",
-                    config.round_num, len(clients), goal, self.min_reports, task.deadline - configured)
+                    config.round, len(clients), goal, self.min_reports, task.deadline - configured)
         closed_by = yield from self._reports(window, len(weights_payload))
         self._publish_retained(task_topic(self.fleet), b"")  # devices that have not started need not start
         report = {"outcome": "completed" if window.accepted >= self.min_reports else "failed",
                   "closed_by": closed_by, "selected": len(clients), "goal": goal, "min_reports": self.min_reports,
-                  "accepted": window.accepted, "dropped": dict(sorted(window.dropped.items())),
+                  "accepted": window.accepted,
+                  "dropped": dict(sorted((reason.value, count) for reason, count in window.dropped.items())),
                   "bytes_published": bytes_published, "configure_seconds": configured - started,
                   "reporting_seconds": time.time() - configured}
         logger.info("round %d: closed by %s with %d of %d selected devices reporting (goal %d); dropped %s",
-                    config.round_num, closed_by, window.accepted, len(clients), goal, report["dropped"] or "none")
+                    config.round, closed_by, window.accepted, len(clients), goal, report["dropped"] or "none")
         if window.accepted < self.min_reports:
             raise RoundFailedError(f"{window.accepted} accepted updates by the deadline, fewer than min_reports="
                                    f"{self.min_reports}", report)
         return report
 
-    def evaluate(self, artifact: bytes, weights: Sequence[np.ndarray],
+    def evaluate(self, artifact: Artifact, weights: Sequence[np.ndarray],
                  clients: Sequence[str]) -> Iterator[dict[str, float]]:
         """Not available: protocol version 2 has no evaluation task (evaluate in-process on held-out data)."""
         raise NotImplementedError("protocol version 2 has no evaluation task; evaluate held-out data in-process "
@@ -252,18 +231,19 @@ class MqttExecutor(Executor):
 
     # -- one round --------------------------------------------------------------------------------
 
-    def _configure(self, artifact: bytes, model_hash: str, weights_payload: bytes, task_payload: bytes) -> int:
+    def _configure(self, artifact: Artifact, weights_payload: bytes, task_payload: bytes) -> int:
         """Publish model (once per hash), global weights and task, retained and in that order; the bytes sent."""
+        model_hash, model_bytes = artifact.content_hash, artifact.tflite_bytes
         sent = 0
         with self._retained_lock:
             self._retained.clear()
         if model_hash not in self._published_models:
-            self._publish_retained(model_topic(self.fleet, model_hash), artifact)
+            self._publish_retained(model_topic(self.fleet, model_hash), model_bytes)
             self._published_models.add(model_hash)
-            sent += len(artifact)
+            sent += len(model_bytes)
         else:
             with self._retained_lock:
-                self._retained[model_topic(self.fleet, model_hash)] = artifact
+                self._retained[model_topic(self.fleet, model_hash)] = model_bytes
         self._publish_retained(weights_topic(self.fleet), weights_payload)
         self._publish_retained(task_topic(self.fleet), task_payload)
         return sent + len(weights_payload) + len(task_payload)

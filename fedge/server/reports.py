@@ -9,29 +9,56 @@ model times the number of clients.
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from device_runtime.protocol import ModelUpdate, ProtocolError, decode_update, topic_device_id
+from device_runtime.protocol import Fault, ModelUpdate, ProtocolError, decode_update, topic_device_id
+from device_runtime.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
-DROP_REASONS = {
-    "malformed": "the topic or the payload fails the codec's checks (docs/protocol.md)",
-    "wrong_model": "trained another model than the round's (model hash)",
-    "wrong_sender": "the payload's fleet or device id is not the one of the topic it came on",
-    "unknown_device": "from a device that never announced itself and is not selected",
-    "not_selected": "from a device not selected for the update's round",
-    "wrong_round": "for a round other than the open one or the one just closed",
-    "late": "arrived after the deadline of its round",
-    "after_goal": "its round had already closed with its goal of reports (over-selection)",
-    "duplicate_update": "an update id already counted (a QoS 1 redelivery or a replay)",
-    "second_update": "the device already reported in this round",
+class DropReason(str, enum.Enum):
+    """Why a round dropped an update; the value is the key in the round's `dropped` counts (metrics log)."""
+
+    MALFORMED = "malformed"
+    WRONG_MODEL = "wrong_model"
+    WRONG_SENDER = "wrong_sender"
+    UNKNOWN_DEVICE = "unknown_device"
+    NOT_SELECTED = "not_selected"
+    WRONG_ROUND = "wrong_round"
+    LATE = "late"
+    AFTER_GOAL = "after_goal"
+    DUPLICATE_UPDATE = "duplicate_update"
+    SECOND_UPDATE = "second_update"
+
+    @property
+    def description(self) -> str:
+        """What the reason means (docs/server.md lists the same)."""
+        return _DESCRIPTIONS[self]
+
+    @property
+    def expected(self) -> bool:
+        """Whether over-selection and deadlines produce it in a healthy fleet (logged at INFO, not WARNING)."""
+        return self in (DropReason.LATE, DropReason.AFTER_GOAL)
+
+
+_DESCRIPTIONS = {
+    DropReason.MALFORMED: "the topic or the payload fails the codec's checks (docs/protocol.md)",
+    DropReason.WRONG_MODEL: "trained another model than the round's (model hash)",
+    DropReason.WRONG_SENDER: "the payload's fleet or device id is not the one of the topic it came on",
+    DropReason.UNKNOWN_DEVICE: "from a device that never announced itself and is not selected",
+    DropReason.NOT_SELECTED: "from a device not selected for the update's round",
+    DropReason.WRONG_ROUND: "for a round other than the open one or the one just closed",
+    DropReason.LATE: "arrived after the deadline of its round",
+    DropReason.AFTER_GOAL: "its round had already closed with its goal of reports (over-selection)",
+    DropReason.DUPLICATE_UPDATE: "an update id already counted (a QoS 1 redelivery or a replay)",
+    DropReason.SECOND_UPDATE: "the device already reported in this round",
 }
-_EXPECTED = frozenset({"late", "after_goal"})  # what over-selection and deadlines produce: logged at INFO
+_DECODE_REASONS = {Fault.MALFORMED: DropReason.MALFORMED, Fault.WRONG_MODEL: DropReason.WRONG_MODEL,
+                   Fault.WRONG_SENDER: DropReason.WRONG_SENDER}
 
 
 @dataclass
@@ -42,11 +69,11 @@ class RoundWindow:
     selected: frozenset[str]
     deadline: float
     goal: int
-    manifest: Mapping[str, Any]
+    manifest: Manifest
     accepted: int = 0
     update_ids: set[str] = field(default_factory=set)
     reported: set[str] = field(default_factory=set)
-    dropped: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[DropReason] = field(default_factory=Counter)
     closed_by: str | None = None
 
 
@@ -78,13 +105,13 @@ class ReportGate:
         try:
             device = topic_device_id(topic, self.fleet)
         except ProtocolError as error:
-            return self._drop(window, "malformed", topic, str(error))
+            return self._drop(window, DropReason.MALFORMED, topic, str(error))
         if not self._is_known(device) and device not in window.selected:
-            return self._drop(window, "unknown_device", device, "never announced itself")
+            return self._drop(window, DropReason.UNKNOWN_DEVICE, device, "never announced itself")
         try:
             update = decode_update(payload, window.manifest, fleet=self.fleet, device_id=device)
         except ProtocolError as error:
-            return self._drop(window, _decode_reason(error), device, str(error))
+            return self._drop(window, _DECODE_REASONS[error.fault], device, str(error))
         reason = self._reason(window, update, device, received_at)
         if reason is not None:
             return self._drop(window, reason, device, f"update {update.update_id} for round {update.round}")
@@ -94,25 +121,27 @@ class ReportGate:
         logger.debug("round %d: accepted update %s from %s", window.round, update.update_id, device)
         return update
 
-    def _reason(self, window: RoundWindow, update: ModelUpdate, device: str, received_at: float) -> str | None:
+    def _reason(self, window: RoundWindow, update: ModelUpdate, device: str,
+                received_at: float) -> DropReason | None:
         """Why the open round drops this decoded update, or None to accept it."""
         previous = self.previous
         if update.round != window.round:
             if previous is None or update.round != previous.round:
-                return "wrong_round"
+                return DropReason.WRONG_ROUND
             if update.update_id in previous.update_ids:
-                return "duplicate_update"
-            return "late" if received_at > previous.deadline or previous.closed_by != "goal" else "after_goal"
+                return DropReason.DUPLICATE_UPDATE
+            late = received_at > previous.deadline or previous.closed_by != "goal"
+            return DropReason.LATE if late else DropReason.AFTER_GOAL
         if device not in window.selected:
-            return "not_selected"
+            return DropReason.NOT_SELECTED
         if received_at > window.deadline:
-            return "late"
+            return DropReason.LATE
         if update.update_id in window.update_ids:
-            return "duplicate_update"
+            return DropReason.DUPLICATE_UPDATE
         if device in window.reported:
-            return "second_update"
+            return DropReason.SECOND_UPDATE
         if window.accepted >= window.goal:
-            return "after_goal"
+            return DropReason.AFTER_GOAL
         return None
 
     def _open_window(self) -> RoundWindow:
@@ -122,19 +151,9 @@ class ReportGate:
         return self.current
 
     @staticmethod
-    def _drop(window: RoundWindow, reason: str, sender: str, detail: str) -> None:
+    def _drop(window: RoundWindow, reason: DropReason, sender: str, detail: str) -> None:
         """Count a dropped update in the open round's window and log why."""
         window.dropped[reason] += 1
-        level = logging.INFO if reason in _EXPECTED else logging.WARNING
-        logger.log(level, "round %d: dropped an update from %s: %s (%s)", window.round, sender, reason, detail)
+        level = logging.INFO if reason.expected else logging.WARNING
+        logger.log(level, "round %d: dropped an update from %s: %s (%s)", window.round, sender, reason.value, detail)
         return None
-
-
-def _decode_reason(error: ProtocolError) -> str:
-    """The drop reason for a codec error: another model, another sender, or malformed."""
-    message = str(error)  # decode_update's mismatch errors read "<field> is <got>, expected <want>"
-    if message.startswith("model_hash is "):
-        return "wrong_model"
-    if message.startswith(("fleet is ", "device_id is ")):
-        return "wrong_sender"
-    return "malformed"

@@ -24,7 +24,7 @@ from fedge.learning.state import LearningProcessState
 from fedge.server.checkpoint import Checkpoints
 from fedge.server.journal import JOURNAL_FILE
 from fedge.server.metrics_log import MetricsLog
-from fedge.server.mqtt_executor import MqttExecutor, RoundInterruptedError
+from fedge.learning.executors import FleetExecutor, RoundInterruptedError
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class ServerSettings:
 class FederatedServer:
     """Runs `settings.rounds` rounds of `process` over `executor`'s fleet, resuming from its checkpoint."""
 
-    def __init__(self, process: LearningProcess, executor: MqttExecutor, settings: ServerSettings,
+    def __init__(self, process: LearningProcess, executor: FleetExecutor, settings: ServerSettings,
                  evaluation: FederatedEvaluation | None = None, eval_data: Sequence[Any] | None = None,
                  on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
         """`evaluation` and `eval_data` (client datasets) together enable periodic federated evaluation;

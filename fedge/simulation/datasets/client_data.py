@@ -163,6 +163,14 @@ class ClientData:
         dataset = self._load(client_id)
         return dataset if dataset.client_id == client_id else ClientDataset(dataset.x, dataset.y, client_id)
 
+    def create_tf_dataset_for_client(self, client_id: str) -> Any:
+        """TFF's accessor: one client's examples as an unbatched `tf.data.Dataset` of (x, y) (imports TensorFlow)."""
+        return self.create_dataset_for_client(client_id).to_tf_dataset()
+
+    def create_tf_dataset_from_all_clients(self) -> Any:
+        """TFF's accessor: every client's examples as one unbatched `tf.data.Dataset` (imports TensorFlow)."""
+        return self.create_dataset_from_all_clients().to_tf_dataset()
+
     def create_dataset_from_all_clients(self) -> ClientDataset:
         """Every client's examples concatenated in `client_ids` order (centralized baselines, evaluation)."""
         if not self._client_ids:

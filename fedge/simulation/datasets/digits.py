@@ -7,7 +7,7 @@ import numpy as np
 from fedge.simulation.datasets import partition as _partition
 from fedge.simulation.datasets.client_data import ClientData, ClientDataset
 
-PARTITIONS = ("iid", "dirichlet", "shards", "quantity_skew")
+PARTITIONS = tuple(_partition.PARTITIONERS)
 
 
 def load_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -47,6 +47,6 @@ def load_data(
     if partition not in PARTITIONS:
         raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
     x_train, y_train, x_test, y_test = train_test_arrays(test_fraction, seed)
-    split = getattr(_partition, partition)
+    split = _partition.PARTITIONERS[partition]
     kwargs = {"alpha": alpha} if partition in ("dirichlet", "quantity_skew") else {}
     return split(x_train, y_train, num_clients, seed=seed, **kwargs), ClientDataset(x_test, y_test)

@@ -150,3 +150,6 @@ def quantity_skew(
     sizes[np.argsort(sizes - share, kind="stable")[: rest - sizes.sum()]] += 1
     sizes += min_size
     return _build(x, y, np.split(rng.permutation(len(x)), np.cumsum(sizes)[:-1]), rng)
+
+
+PARTITIONERS = {"iid": iid, "dirichlet": dirichlet, "shards": shards, "quantity_skew": quantity_skew}
