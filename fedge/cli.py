@@ -19,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before any command imports
 
 from device_runtime.artifact import ArtifactError, list_operators, list_signatures, read_manifest, verify_content_hash
 from fedge import new_job
-from fedge.job.spec import LOSSES
+from fedge.job.spec import CLIENT_OPTIMIZERS, LOSSES, ClientOptimizerSpec
 from fedge.server import serve
 from fedge import simulate
 
@@ -28,13 +28,12 @@ _CROSS_ENTROPY_CLASSES = {"sparse_categorical_crossentropy": "SparseCategoricalC
                           "binary_crossentropy": "BinaryCrossentropy"}
 
 
-def _build_optimizer(args: argparse.Namespace) -> Any:
-    import keras
-
-    if args.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate=args.learning_rate, momentum=args.momentum, nesterov=args.nesterov)
-    return keras.optimizers.Adam(learning_rate=args.learning_rate, beta_1=args.beta_1, beta_2=args.beta_2,
-                                 epsilon=args.epsilon)
+def _client_optimizer(args: argparse.Namespace) -> ClientOptimizerSpec:
+    """The client optimizer of `fedge convert`'s flags (the settings of the one named)."""
+    given = {"momentum": args.momentum, "nesterov": args.nesterov, "beta_1": args.beta_1, "beta_2": args.beta_2,
+             "epsilon": args.epsilon}
+    return ClientOptimizerSpec(args.optimizer, args.learning_rate,
+                               {name: given[name] for name in CLIENT_OPTIMIZERS[args.optimizer]})
 
 
 def convert_command(args: argparse.Namespace) -> int:
@@ -51,7 +50,7 @@ def convert_command(args: argparse.Namespace) -> int:
         (["accuracy"] if args.loss in _CROSS_ENTROPY_CLASSES else [])
     loss = getattr(keras.losses, _CROSS_ENTROPY_CLASSES[args.loss])(from_logits=True) if args.from_logits else args.loss
     try:
-        result = convert_keras_model(model, loss=loss, optimizer=_build_optimizer(args), batch_size=args.batch_size,
+        result = convert_keras_model(model, loss=loss, optimizer=_client_optimizer(args).build(), batch_size=args.batch_size,
                                      metrics=metrics, model_name=args.name)
     except ConversionError as error:
         print(f"fedge convert: {args.model}: {error}", file=sys.stderr)
@@ -191,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("-o", "--output", help="output .tflite path (default: the model's path with .tflite)")
     convert.add_argument("--loss", required=True, choices=LOSSES)
     convert.add_argument("--from-logits", action="store_true", help="the model outputs logits (cross-entropy losses)")
-    convert.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    convert.add_argument("--optimizer", choices=CLIENT_OPTIMIZERS, default="sgd")
     convert.add_argument("--learning-rate", type=float, default=0.01)
     convert.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
     convert.add_argument("--nesterov", action="store_true", help="SGD with Nesterov momentum")

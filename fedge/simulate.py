@@ -94,7 +94,7 @@ def run_simulation(job: Job, out: Path, *, embedded_broker: str = "auto", log_le
     from fedge.learning.federated_data import local_clients
     from simulator.fleet import Fleet
 
-    console = Console()
+    console = Console(soft_wrap=True)  # a round is one line, also when the output is piped
     started = time.perf_counter()
     try:
         train_clients, held_out = job.data.load(job.fleet.num_devices, job.rounds.seed)

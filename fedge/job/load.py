@@ -10,6 +10,7 @@ against the working directory too.
 from __future__ import annotations
 
 import copy
+import math
 import re
 import sys
 from collections.abc import Iterable, Mapping
@@ -34,6 +35,7 @@ PATH_KEYS = frozenset({"model.keras", "model.tflite", "data.npz", "data.folder",
                        "fleet.scenario", "broker.tls_ca", "broker.tls_cert", "broker.tls_key", "broker.signing_key",
                        "output.simulation", "output.checkpoints", "output.metrics_log"})
 _FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+_SETTING_MAXIMA = {"momentum": 0.999, "beta_1": 0.9999, "beta_2": 0.9999}  # below 1: a moving average must move
 
 
 class JobError(TableErrors):
@@ -103,8 +105,8 @@ def parse_job(document: Mapping[str, Any], source: Path | None, base_dir: Path,
 
 def _overridden(document: Mapping[str, Any], overrides: Iterable[tuple[str, Any]], errors: list[str],
                 label: str) -> dict[str, Any]:
-    """A deep copy of `document` with each (dotted key, value) set; paths made absolute against the working
-    directory; a key that would replace a value of another kind (a table by a value, or the reverse) is an error."""
+    """A deep copy of `document` with each (dotted key, value) set, or removed by an empty value; paths made
+    absolute against the working directory; a key that would replace a table by a value is an error."""
     result = copy.deepcopy(dict(document))
     for key, value in overrides:
         parts = key.split(".")
@@ -115,18 +117,22 @@ def _overridden(document: Mapping[str, Any], overrides: Iterable[tuple[str, Any]
                 break
             table = table[part]
         else:
-            if isinstance(table.get(parts[-1]), dict) and not isinstance(value, dict):
+            if value == "":
+                table.pop(parts[-1], None)  # `--set model.factory=` removes the key (or table)
+            elif isinstance(table.get(parts[-1]), dict) and not isinstance(value, dict):
                 errors.append(f"{label}: --set {key}: {key} is a table; set one of its keys")
-                continue
-            if key in PATH_KEYS and isinstance(value, str):
-                value = str(Path(value).expanduser().absolute())
-            table[parts[-1]] = value
+            else:
+                if key in PATH_KEYS and isinstance(value, str):
+                    value = str(Path(value).expanduser().absolute())
+                table[parts[-1]] = value
     return result
 
 
 def _model(table: Table, base_dir: Path) -> ModelSpec:
     """[model]: exactly one of keras, factory, tflite; conversion options for the first two."""
     sources = [key for key in ("keras", "factory", "tflite") if table.has(key)]
+    for key in sources[1:]:
+        table.get(key)  # known keys, reported below as alternatives rather than as unknown
     if len(sources) != 1:
         table.error("keras" if not sources else " and ".join(sources),
                     "is required: give one of keras (a .keras file), factory ('module:function') or tflite "
@@ -172,24 +178,27 @@ def _factory(value: Any) -> str:
 def _client_optimizer(table: Table) -> ClientOptimizerSpec:
     """[model.optimizer]: sgd (momentum, nesterov) or adam (beta_1, beta_2, epsilon)."""
     name = table.choice("name", "sgd", CLIENT_OPTIMIZERS)
-    learning_rate = table.number("learning_rate", 0.01, low=0.0, low_open=True)
-    settings: dict[str, Any] = {}
-    for option in (opt for opts in CLIENT_OPTIMIZERS.values() for opt in opts):
+    spec = ClientOptimizerSpec(name, table.number("learning_rate", 0.01, low=0.0, low_open=True),
+                               _optimizer_settings(table, name, CLIENT_OPTIMIZERS))
+    table.done()
+    return spec
+
+
+def _optimizer_settings(table: Table, name: str, registry: Mapping[str, tuple[str, ...]]) -> dict[str, Any]:
+    """The settings of optimizer `name` the table sets; a setting of another optimizer of the registry is an error."""
+    values: dict[str, Any] = {}
+    for option in dict.fromkeys(option for options in registry.values() for option in options):
         if not table.has(option):
             continue
-        if option not in CLIENT_OPTIMIZERS[name]:
-            table.error(option, f"is not a setting of {name} (its settings: {', '.join(CLIENT_OPTIMIZERS[name])})")
+        if option not in registry[name]:
+            table.error(option, f"is not a setting of {name} (its settings: {', '.join(registry[name])})")
             table.get(option)
-        elif option == "nesterov":
-            settings[option] = table.boolean(option, False)
-        elif option == "momentum":
-            settings[option] = table.number(option, 0.0, low=0.0, high=0.999)
-        elif option == "epsilon":
-            settings[option] = table.number(option, 1e-7, low=0.0, low_open=True)
-        else:
-            settings[option] = table.number(option, 0.9, low=0.0, high=0.9999)
-    table.done()
-    return ClientOptimizerSpec(name, learning_rate, settings)
+            continue
+        value = table.boolean(option, False) if option == "nesterov" else \
+            table.number(option, None, low=0.0, low_open=option == "epsilon", high=_SETTING_MAXIMA.get(option, math.inf))
+        if value is not None:
+            values[option] = value
+    return values
 
 
 def _rounds(table: Table) -> RoundsSpec:
@@ -234,21 +243,11 @@ def _process(table: Table, rounds_table: Table, rounds: RoundsSpec, model: Model
 
 
 def _server_optimizer(table: Table) -> ServerOptimizerSpec:
-    """[process.server_optimizer]."""
+    """[process.server_optimizer]; the optimizer is built once here, so a bad combination is found now."""
     name = table.choice("name", "sgd", SERVER_OPTIMIZERS)
-    spec = ServerOptimizerSpec(name, table.number("learning_rate", None, low=0.0, low_open=True))
-    settings = {"sgd": ("momentum",), "adam": ("beta_1", "beta_2", "epsilon"),
-                "yogi": ("beta_1", "beta_2", "epsilon"), "adagrad": ("beta_1", "epsilon")}[name]
-    values: dict[str, Any] = {}
-    for option in ("momentum", "beta_1", "beta_2", "epsilon"):
-        if table.has(option) and option not in settings:
-            table.error(option, f"is not a setting of {name} (its settings: {', '.join(settings)})")
-            table.get(option)
-        elif table.has(option):
-            values[option] = table.number(option, None, low=0.0, low_open=option == "epsilon",
-                                          high=1.0 if option != "epsilon" else float("inf"))
+    spec = ServerOptimizerSpec(name, table.number("learning_rate", None, low=0.0, low_open=True),
+                               _optimizer_settings(table, name, SERVER_OPTIMIZERS))
     table.done()
-    spec = ServerOptimizerSpec(spec.name, spec.learning_rate, {k: v for k, v in values.items() if v is not None})
     try:
         spec.build()
     except ValueError as error:

@@ -24,8 +24,11 @@ from simulator.scenario import Group, Scenario
 
 LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy", "mean_squared_error")
 CROSS_ENTROPIES = LOSSES[:3]
+# optimizer name -> the settings it takes besides its learning rate
 CLIENT_OPTIMIZERS = {"sgd": ("momentum", "nesterov"), "adam": ("beta_1", "beta_2", "epsilon")}
-SERVER_OPTIMIZERS: dict[str, type[optimizers.ServerOptimizer]] = {
+SERVER_OPTIMIZERS = {"sgd": ("momentum",), "adam": ("beta_1", "beta_2", "epsilon"),
+                     "yogi": ("beta_1", "beta_2", "epsilon"), "adagrad": ("beta_1", "epsilon")}
+_SERVER_OPTIMIZER_CLASSES: dict[str, type[optimizers.ServerOptimizer]] = {
     "sgd": optimizers.SGD, "adam": optimizers.Adam, "yogi": optimizers.Yogi, "adagrad": optimizers.Adagrad}
 AGGREGATORS = ("mean", "median", "trimmed_mean")
 ALGORITHMS = ("fedavg", "fedprox")
@@ -135,7 +138,7 @@ class ServerOptimizerSpec:
         """The optimizer; ValueError naming a bad setting."""
         learning_rate = self.learning_rate if self.learning_rate is not None else (
             1.0 if self.name == "sgd" else 0.01)
-        return SERVER_OPTIMIZERS[self.name](learning_rate, **self.settings)
+        return _SERVER_OPTIMIZER_CLASSES[self.name](learning_rate, **self.settings)
 
 
 @dataclass(frozen=True)
