@@ -172,22 +172,28 @@ def assert_same_weights(a: fl.ModelWeights, b: fl.ModelWeights) -> None:
 # --------------------------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("algorithm", ["fedavg", "fedprox_adam"])
+SERVER_OPTIMIZERS = {"fedavg": lambda: optimizers.SGD(1.0), "fedavgm": lambda: optimizers.SGD(0.5, momentum=0.9),
+                     "fedprox_adam": lambda: optimizers.Adam(0.05), "fedprox_yogi": lambda: optimizers.Yogi(0.05),
+                     "fedprox_adagrad": lambda: optimizers.Adagrad(0.05)}
+
+
+@pytest.mark.parametrize("algorithm", list(SERVER_OPTIMIZERS))
 def test_in_process_and_mqtt_executors_end_with_the_same_weights(algorithm, artifact, start_agents, make_executor,
                                                                  tmp_path):
-    """FedAvg, and FedProx (mu in the task) with a server Adam: devices over MQTT give the in-process weights."""
+    """FedAvg, and FedProx (mu in the task), with every server optimizer: devices over MQTT give the in-process
+    weights."""
     options: dict[str, Any] = {}
-    if algorithm == "fedprox_adam":
+    if algorithm.startswith("fedprox"):
         artifact = Artifact.from_file(artifact_path("scalar", tmp_path / "artifacts"))  # converted with proximal=True
         options = {"proximal_mu": 0.5}
     data = {f"dev-{i}": toy_data(size, seed=i) for i, size in enumerate((9, 14, 6, 11))}
     start_agents(data)
     executor = make_executor(min_reports=4, deadline_s=30)
     over_mqtt = make_process(artifact, executor, epochs=2, seed=5, **options,
-                             server_optimizer=optimizers.Adam(0.05) if options else None)
+                             server_optimizer=SERVER_OPTIMIZERS[algorithm]())
     with InProcessExecutor(num_workers=0) as inline:
         in_process = make_process(artifact, inline, epochs=2, seed=5, **options,
-                                  server_optimizer=optimizers.Adam(0.05) if options else None)
+                                  server_optimizer=SERVER_OPTIMIZERS[algorithm]())
         clients = [ClientDataset(x, y, client_id=device) for device, (x, y) in data.items()]
         mqtt_state, local_state = over_mqtt.initialize(), in_process.initialize()
         for _ in range(3):
