@@ -10,18 +10,18 @@ from typing import Any
 
 import numpy as np
 
-from device_runtime.manifest import Manifest, TensorSpec
+from device_runtime.manifest import LabelRange, Manifest, TensorSpec
 from device_runtime.model import Batch, _pad_rows, _validated_rows
 
-Specs = tuple[TensorSpec, TensorSpec]
+Specs = tuple[TensorSpec, TensorSpec, LabelRange | None]  # input, label, the labels the loss takes
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LocalData:
     """Local examples, either in memory (`x`, `y`) or as an iterable of (x, y) batches (`stream`).
 
-    `specs` is the (input, label) manifest entries the data was checked against, if any; a
-    stream's batches are checked against them as they arrive.
+    `specs` is what the data was checked against, if anything (the manifest's input and label specs
+    and the labels its loss takes); a stream's batches are checked against them as they arrive.
     """
 
     x: np.ndarray | None = None
@@ -40,8 +40,9 @@ class LocalData:
         return self.stream is None or not isinstance(self.stream, Iterator)
 
     def checked(self, manifest: Manifest) -> LocalData:
-        """This data checked against (and cast to) the artifact manifest's input and label specs."""
-        specs = (manifest.input, manifest.label)
+        """This data checked against (and cast to) the artifact manifest's input and label specs, its labels
+        against those the loss takes."""
+        specs = (manifest.input, manifest.label, manifest.label_range)
         if self.specs == specs:
             return self
         if self.x is None:
@@ -132,11 +133,14 @@ def _checked_pair(x: Any, y: Any, specs: Specs | None, what: str, min_rows: int 
     if x.shape[0] < min_rows:
         raise ValueError(f"{what}: holds no examples")
     if specs is not None:
-        input_spec, label_spec = specs
+        input_spec, label_spec, label_range = specs
         if y.ndim == len(label_spec.shape) + 2 and y.shape[-1] == 1:
             y = y[..., 0]
         x = _validated_rows(x, input_spec, f"{what}: x", min_rows, None)
         y = _validated_rows(y, label_spec, f"{what}: y", min_rows, None)
+        problem = None if label_range is None else label_range.problem(y)
+        if problem is not None:
+            raise ValueError(f"{what}: y: {problem}")
     return np.ascontiguousarray(x), np.ascontiguousarray(y)
 
 

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 MANIFEST_FORMAT = "fedge-trainable"
 MANIFEST_FORMAT_VERSION = 1
 _CONTENT_HASH = re.compile(r"sha256:[0-9a-f]{64}")
@@ -73,6 +75,30 @@ class LossSpec:
 
 
 @dataclass(frozen=True)
+class LabelRange:
+    """The values the loss takes as labels: within [low, high] (integers only when `integer`), or `ignore`
+    (a sequence's padding label), so that labels the model cannot learn from are refused, not trained on."""
+
+    low: float
+    high: float
+    integer: bool
+    ignore: int | None = None
+
+    def problem(self, labels: Any) -> str | None:
+        """What is wrong with `labels` (an array), or None."""
+        values = np.asarray(labels)
+        bad = (values < self.low) | (values > self.high)
+        if self.ignore is not None:
+            bad &= values != self.ignore
+        if not bad.any():
+            return None
+        kind = f"class ids in [{self.low:g}, {self.high:g}]" if self.integer else f"values in [{self.low:g}, " \
+            f"{self.high:g}]"
+        return f"labels must be {kind} for this model's loss and output, got {values[bad].flat[0].item()!r} " \
+               f"({int(bad.sum())} of {values.size} outside)"
+
+
+@dataclass(frozen=True)
 class OptimizerSpec:
     """The client optimizer baked into the artifact: its name, learning rate and other settings."""
 
@@ -110,6 +136,15 @@ class Manifest:
     json: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)  # as stored in the file
 
     @property
+    def label_range(self) -> LabelRange | None:
+        """The labels the loss can learn from (None: any, e.g. mean squared error or a custom loss)."""
+        if self.loss.name == "sparse_categorical_crossentropy":
+            return LabelRange(0, self.output.shape[-1] - 1, True, self.loss.ignore_class)
+        if self.loss.name in ("categorical_crossentropy", "binary_crossentropy"):
+            return LabelRange(0, 1, False)
+        return None
+
+    @property
     def trainable_mask(self) -> tuple[bool, ...]:
         """Which weights (manifest order) are trainable."""
         return tuple(weight.trainable for weight in self.weights)
@@ -136,8 +171,7 @@ class Manifest:
             weights=tuple(_weight(_Fields(entry, f"weights[{i}]"))
                           for i, entry in enumerate(fields.array("weights"))),
             num_parameters=fields.integer("num_parameters", minimum=0),
-            loss=LossSpec(loss.text("name"), bool(loss.get("from_logits", False)),
-                          loss.get("ignore_class")),
+            loss=LossSpec(loss.text("name"), loss.boolean("from_logits"), loss.optional_integer("ignore_class")),
             optimizer=OptimizerSpec(optimizer.text("name"), optimizer.number("learning_rate"), types.MappingProxyType(
                 {k: v for k, v in optimizer.document.items() if k not in ("name", "learning_rate")})),
             metrics=MetricsSpec(tuple(str(v) for v in metrics.array("variables")), types.MappingProxyType(
@@ -145,7 +179,7 @@ class Manifest:
             signatures=tuple(str(s) for s in fields.array("signatures")),
             producer=str(fields.get("producer", "")),
             content_hash=ContentHash(fields.get("content_hash")),
-            proximal=bool(fields.get("proximal", False)),
+            proximal=fields.boolean("proximal"),
             json=types.MappingProxyType(dict(fields.document)),
         )
 
@@ -187,6 +221,18 @@ class _Fields:
             raise ManifestError(f"{self.where}.{key} must be an integer >= {minimum}, got {value!r:.80}")
         return value
 
+    def boolean(self, key: str) -> bool:
+        value = self.get(key, False)
+        if not isinstance(value, bool):
+            raise ManifestError(f"{self.where}.{key} must be true or false, got {value!r:.80}")
+        return value
+
+    def optional_integer(self, key: str) -> int | None:
+        value = self.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ManifestError(f"{self.where}.{key} must be an integer, got {value!r:.80}")
+        return value
+
     def number(self, key: str) -> float:
         value = self._missing(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -206,12 +252,12 @@ def _tensor(fields: _Fields) -> TensorSpec:
 
 def _weight(fields: _Fields) -> WeightSpec:
     return WeightSpec(fields.text("key"), fields.text("name"), fields.shape("shape"), fields.text("dtype"),
-                      bool(fields.get("trainable", True)))
+                      fields.get("trainable", True) is True)
 
 
 def _finalizer(name: str, entry: list[Any]) -> tuple[str, ...]:
     """A finalizer ["divide", a, b] or ["identity", a]."""
-    if not entry or _FINALIZER_ARITY.get(entry[0]) != len(entry) - 1 or not all(isinstance(e, str) for e in entry):
+    if not entry or not all(isinstance(e, str) for e in entry) or _FINALIZER_ARITY.get(entry[0]) != len(entry) - 1:
         raise ManifestError(f"manifest.metrics.finalizers.{name} {entry!r:.80} is not [\"divide\", a, b] "
                             f"or [\"identity\", a]")
     return tuple(entry)

@@ -104,7 +104,8 @@ class RoundOutcome:
 
 
 class DeviceRound:
-    """One device's round of one task, without I/O: the driver fetches what `fetches` names, then calls `train`."""
+    """One device's round of one task, without I/O: the driver fetches `model_fetch` unless it holds the model,
+    then `weights_fetch` when the task names global weights, has them checked here, then calls `train`."""
 
     def __init__(self, fleet: str, device_id: str, task: Task) -> None:
         """The round `task` asks of `device_id` in `fleet` (the driver decided to take it: task_to_train)."""
@@ -112,11 +113,6 @@ class DeviceRound:
         self.model_fetch = Fetch("model", model_topic(fleet, task.model_hash), task.model_hash)
         self.weights_fetch = None if task.weights_hash is None else Fetch(
             "global weights", weights_topic(fleet), task.weights_hash)
-
-    def fetches(self, model_held: bool) -> list[Fetch]:
-        """What to download, in order: the model unless the device holds it, then the global weights if named."""
-        needed = [] if model_held else [self.model_fetch]
-        return needed + ([] if self.weights_fetch is None else [self.weights_fetch])
 
     def check_model(self, payload: bytes) -> bytes:
         """The fetched artifact if its content hash verifies and is the task's; ArtifactError otherwise."""

@@ -19,46 +19,32 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before any command imports
 
 from device_runtime.artifact import ArtifactError, list_operators, list_signatures, read_manifest, verify_content_hash
 from fedge import new_job
-from fedge.job.spec import CLIENT_OPTIMIZERS, LOSSES, ClientOptimizerSpec
+from fedge.job import JobError, parse_job
+from fedge.job.spec import CLIENT_OPTIMIZERS, LOSSES
 from fedge.server import serve
 from fedge import simulate
 
-_CROSS_ENTROPY_CLASSES = {"sparse_categorical_crossentropy": "SparseCategoricalCrossentropy",
-                          "categorical_crossentropy": "CategoricalCrossentropy",
-                          "binary_crossentropy": "BinaryCrossentropy"}
-
-
-def _client_optimizer(args: argparse.Namespace) -> ClientOptimizerSpec:
-    """The client optimizer of `fedge convert`'s flags (the settings of the one named)."""
-    given = {"momentum": args.momentum, "nesterov": args.nesterov, "beta_1": args.beta_1, "beta_2": args.beta_2,
-             "epsilon": args.epsilon}
-    return ClientOptimizerSpec(args.optimizer, args.learning_rate,
-                               {name: given[name] for name in CLIENT_OPTIMIZERS[args.optimizer]})
-
-
 def convert_command(args: argparse.Namespace) -> int:
-    """Load a saved Keras model and write its trainable artifact."""
-    import keras
+    """Convert a saved Keras model to a trainable artifact: the flags are a job's [model] keys, checked and
+    converted as a job's model is (fedge.job), every problem reported at once."""
+    from fedge.job.build import build_model
 
-    from converters import ConversionError, convert_keras_model
-
-    if args.from_logits and args.loss not in _CROSS_ENTROPY_CLASSES:
-        print(f"fedge convert: --from-logits applies to cross-entropy losses, not {args.loss}", file=sys.stderr)
-        return 2
-    model = keras.models.load_model(args.model, compile=False)
-    metrics = args.metrics if args.metrics is not None else \
-        (["accuracy"] if args.loss in _CROSS_ENTROPY_CLASSES else [])
-    loss = getattr(keras.losses, _CROSS_ENTROPY_CLASSES[args.loss])(from_logits=True) if args.from_logits else args.loss
+    optimizer = {"name": args.optimizer, "learning_rate": args.learning_rate}
+    optimizer.update({key: getattr(args, key) for key in ("momentum", "nesterov", "beta_1", "beta_2", "epsilon")
+                      if getattr(args, key) is not None})
+    model = {"keras": str(Path(args.model).absolute()), "loss": args.loss, "from_logits": args.from_logits,
+             "batch_size": args.batch_size, "optimizer": optimizer}
+    model.update({key: getattr(args, key) for key in ("metrics", "name") if getattr(args, key) is not None})
     try:
-        result = convert_keras_model(model, loss=loss, optimizer=_client_optimizer(args).build(), batch_size=args.batch_size,
-                                     metrics=metrics, model_name=args.name)
-    except ConversionError as error:
-        print(f"fedge convert: {args.model}: {error}", file=sys.stderr)
+        job = parse_job({"model": model, "fleet": {"id": "convert"}}, Path(args.model), Path.cwd())
+        artifact = build_model(job).artifact
+        output = Path(args.output or Path(args.model).with_suffix(".tflite"))
+        artifact.save(output)
+    except (JobError, OSError) as error:
+        print("\n".join(f"fedge convert: error: {line}" for line in str(error).splitlines()), file=sys.stderr)
         return 2
-    output = Path(args.output or Path(args.model).with_suffix(".tflite"))
-    result.save(output)
-    print(f"wrote {output} ({len(result.tflite_bytes):,} bytes, {result.manifest.num_parameters:,} parameters, "
-          f"batch {result.manifest.batch_size}, {result.manifest.content_hash})")
+    print(f"wrote {output} ({len(artifact.tflite_bytes):,} bytes, {artifact.manifest.num_parameters:,} parameters, "
+          f"batch {artifact.manifest.batch_size}, {artifact.content_hash})")
     return 0
 
 
@@ -192,11 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--from-logits", action="store_true", help="the model outputs logits (cross-entropy losses)")
     convert.add_argument("--optimizer", choices=CLIENT_OPTIMIZERS, default="sgd")
     convert.add_argument("--learning-rate", type=float, default=0.01)
-    convert.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
-    convert.add_argument("--nesterov", action="store_true", help="SGD with Nesterov momentum")
-    convert.add_argument("--beta-1", type=float, default=0.9, help="Adam beta_1")
-    convert.add_argument("--beta-2", type=float, default=0.999, help="Adam beta_2")
-    convert.add_argument("--epsilon", type=float, default=1e-7, help="Adam epsilon")
+    convert.add_argument("--momentum", type=float, help="SGD momentum (default 0)")
+    convert.add_argument("--nesterov", action="store_true", default=None, help="SGD with Nesterov momentum")
+    convert.add_argument("--beta-1", type=float, help="Adam beta_1 (default 0.9)")
+    convert.add_argument("--beta-2", type=float, help="Adam beta_2 (default 0.999)")
+    convert.add_argument("--epsilon", type=float, help="Adam epsilon (default 1e-7)")
     convert.add_argument("--batch-size", type=int, required=True)
     convert.add_argument("--metrics", nargs="*", help="'accuracy' or nothing (default: accuracy for cross-entropy)")
     convert.add_argument("--name", help="model name recorded in the manifest")

@@ -1,9 +1,9 @@
 """`fedge simulate [JOB.toml]`: a job's federated rounds on an emulated fleet, end to end on one machine.
 
 It loads the job's data and splits it over the fleet's devices, converts the model (unless the
-job names a `.tflite`), starts a broker (embedded unless the job or `--broker` names one), the
-MQTT server and the simulated fleet, shows each round's reports, loss and held-out accuracy,
-and writes a report folder (docs/simulator.md). Without a job file it runs the bundled digits job.
+job names a `.tflite`), starts a broker (embedded unless `--broker` names one), the MQTT server
+and the simulated fleet, shows each round's reports, loss and held-out accuracy, and writes a
+report folder (docs/simulator.md). Without a job file it runs the bundled digits job.
 `fedge serve JOB.toml` runs the same job with real devices.
 """
 
@@ -13,26 +13,35 @@ import argparse
 import contextlib
 import logging
 import math
+import signal
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedge.job.load import JobError, load_job
 from fedge.job.options import add_job_flags, job_overrides
 from fedge.job.spec import Job
+from fedge.simulation.datasets import ClientData
 
-SIMULATE_FLAGS = ("--broker", "--rounds", "--clients-per-round", "--min-reports", "--deadline", "--over-selection",
-                  "--encoding", "--topk", "--eval-every", "--seed", "--local-epochs", "--max-steps", "--max-seconds",
+if TYPE_CHECKING:
+    from fedge.job.build import HeldOutEvaluation, JobModel
+
+SIMULATE_FLAGS = ("--rounds", "--clients-per-round", "--min-reports", "--deadline", "--over-selection", "--encoding",
+                  "--topk", "--eval-every", "--seed", "--local-epochs", "--max-steps", "--max-seconds",
                   "--learning-rate", "--proximal-mu", "--client-weighting", "--server-optimizer",
                   "--server-learning-rate", "--server-momentum", "--aggregator", "--trim-fraction", "--clip-norm",
-                  "--dp-noise-multiplier", "--dp-delta", "--dp-population", "--batch-size", "--out")
+                  "--dp-noise-multiplier", "--dp-delta", "--dp-population", "--batch-size", "--eval-data", "--out")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`fedge simulate`'s options: the job file, flags that override its keys, the embedded broker, logging."""
+    """`fedge simulate`'s options: the job file, flags that override its keys, the broker, logging."""
     parser.add_argument("job", nargs="?", help="a job file (docs/job.md; default: the bundled 40-device digits job)")
+    parser.add_argument("--broker", metavar="URL", dest="simulation_broker",
+                        help="an external broker that takes anonymous clients (default: start an embedded one; "
+                             "the job's [broker] is fedge serve's)")
     parser.add_argument("--embedded-broker", choices=["auto", "mosquitto", "amqtt"], default="auto",
                         help="which embedded broker: Mosquitto when installed, else amqtt (default: auto)")
     parser.add_argument("--log-level", default="WARNING", type=str.upper,
@@ -40,31 +49,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_job_flags(parser, SIMULATE_FLAGS)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What a simulation needs before anything is written: the devices' clients, the model, the evaluation."""
+
+    clients: ClientData
+    model: JobModel
+    evaluation: HeldOutEvaluation | None
+
+
 def simulate_command(args: argparse.Namespace) -> int:
-    """Load the job, refuse what cannot run (exit 2, every problem on its own line), then simulate it."""
+    """Load the job and its data and model, refuse what cannot run (exit 2, every problem on its own line), then
+    claim the report folder and simulate."""
     from fedge.report import ReportFolderError, claim_report_folder
 
     try:
         job = load_job(args.job, job_overrides(args))
-        problems = simulation_problems(job)
+        problems = job.simulation_problems()
         if problems:
             raise JobError(problems)
-        out = claim_report_folder(job.output.simulation)  # only after everything else is known to be sound
-    except (JobError, ReportFolderError) as error:
+        prepared = prepare(job)
+        out = claim_report_folder(job.output.simulation)  # only once everything else is known to be sound
+    except (JobError, ReportFolderError, ValueError, TypeError, OSError) as error:
         print("\n".join(f"fedge simulate: error: {line}" for line in str(error).splitlines()), file=sys.stderr)
         return 2
-    return run_simulation(job, out, embedded_broker=args.embedded_broker, log_level=args.log_level)
+    return run_simulation(job, prepared, out, broker_url=args.simulation_broker,
+                          embedded_broker=args.embedded_broker, log_level=args.log_level)
 
 
-def simulation_problems(job: Job) -> list[str]:
-    """What a job lacks to be simulated: data for its devices and a fleet of them."""
-    problems = []
-    if job.data.dataset is None and job.data.npz is None and job.data.folder is None:
-        problems.append(f"{job.where}: [data] is required to simulate: dataset, npz or folder (docs/job.md)")
-    if not job.fleet.groups:
-        problems.append(f"{job.where}: fleet.groups (or fleet.scenario) is required to simulate: the devices to "
-                        f"emulate (docs/job.md)")
-    return problems
+def prepare(job: Job) -> Prepared:
+    """The job's clients (one per device), model (converted unless a .tflite) and held-out evaluation, with every
+    device's examples and the held-out ones checked against the model; JobError or ValueError naming the problem."""
+    from fedge.job.build import build_evaluation, build_model, check_fits
+
+    started = time.perf_counter()
+    clients, held_out = job.data.load(job.fleet.num_devices, job.rounds.seed)
+    model = build_model(job)
+    for client_id in clients.client_ids:
+        check_fits(job, clients.create_dataset_for_client(client_id), model.artifact,
+                   f"the examples of client {client_id} of {job.data.source}")
+    evaluation = build_evaluation(job, model.artifact, held_out)
+    manifest = model.artifact.manifest
+    print(f"{'converted' if job.model.converts else 'loaded'} {manifest.model_name} ({manifest.num_parameters:,} "
+          f"parameters, {len(model.artifact.tflite_bytes):,}-byte trainable .tflite) in "
+          f"{time.perf_counter() - started:.1f} s; {job.fleet.num_devices} devices in {len(job.fleet.groups)} groups, "
+          f"{'no' if held_out is None else len(held_out)} held-out examples")
+    return Prepared(clients, model, evaluation)
 
 
 @contextlib.contextmanager
@@ -80,62 +110,69 @@ def _broker(url: str | None, kind: str) -> Iterator[str]:
         yield broker.url
 
 
-def run_simulation(job: Job, out: Path, *, embedded_broker: str = "auto", log_level: str = "WARNING") -> int:
-    """Simulate `job` into the report folder `out`; 0 when its rounds ran, 1 when every round failed, 2 when its
-    data or model cannot be used (one line each on stderr)."""
-    from fedge.report import CHECKPOINTS, METRICS_LOG, SIMULATION_LOG
+@contextlib.contextmanager
+def _stopping_on_signals(stop: Any) -> Iterator[list[int]]:
+    """SIGINT (Ctrl-C) and SIGTERM call `stop()`; yields the list the signals received are appended to."""
+    received: list[int] = []
 
-    # Devices dropping out and coming back log what happened to them: into the report folder, not over the progress.
-    logging.basicConfig(level=log_level, filename=out / SIMULATION_LOG,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    def request_stop(signum: int, frame: object) -> None:
+        received.append(signum)
+        stop()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_simulation(job: Job, prepared: Prepared, out: Path, *, broker_url: str | None = None,
+                   embedded_broker: str = "auto", log_level: str = "WARNING") -> int:
+    """Simulate `job` into the report folder `out`; 0 when its rounds ran, 1 when every round failed or the
+    broker could not be reached, 128 + the signal when SIGINT or SIGTERM stopped it (the report then holds the
+    rounds that finished)."""
     from rich.console import Console
 
-    from fedge.job.build import build_broker, build_executor, build_model, build_process, build_server
-    from fedge.learning.federated_data import local_clients
+    from device_runtime.connection import BrokerSettings
+    from fedge.job.build import build_executor, build_process, build_server
+    from fedge.report import CHECKPOINTS, METRICS_LOG, SIMULATION_LOG
     from simulator.fleet import Fleet
 
+    # Devices dropping out and coming back log what happened to them: into the report folder, not over the progress
+    # (force: converting the model imported absl, whose handler on the root logger would print to the terminal).
+    logging.basicConfig(level=log_level, filename=out / SIMULATION_LOG,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     console = Console(soft_wrap=True)  # a round is one line, also when the output is piped
-    started = time.perf_counter()
-    try:
-        train_clients, held_out = job.data.load(job.fleet.num_devices, job.rounds.seed)
-        model = build_model(job)
-        artifact = model.artifact
-        local_clients([train_clients.create_dataset_for_client(cid) for cid in train_clients.client_ids],
-                      artifact.manifest)  # every device's data fits the model, or the job stops here
-    except (JobError, ValueError, TypeError, OSError) as error:
-        print("\n".join(f"fedge simulate: error: {line}" for line in str(error).splitlines()), file=sys.stderr)
-        return 2
-    what = "converted" if job.model.converts else "loaded"
-    console.print(f"{what} {artifact.manifest.model_name} ({artifact.manifest.num_parameters:,} parameters, "
-                  f"{len(artifact.tflite_bytes):,}-byte trainable .tflite) in {time.perf_counter() - started:.1f} s; "
-                  f"{job.fleet.num_devices} devices in {len(job.fleet.groups)} groups, "
-                  f"{'no' if held_out is None else len(held_out)} held-out examples")
+    artifact = prepared.model.artifact
     rounds: list[dict[str, Any]] = []
-    with _broker(job.broker.url, embedded_broker) as url:
-        try:
-            executor = build_executor(job, build_broker(job, url))
-            process = build_process(job, artifact, executor)
-            fleet = Fleet(job.fleet.scenario(job.rounds.seed), url, train_clients)  # the clients checked above
-            with _progress(console, job.rounds.count) as on_round:
-                def record(line: dict[str, Any]) -> None:
-                    rounds.append(line)
-                    on_round(line)
+    with _broker(broker_url, embedded_broker) as url, _progress(console, job.rounds.count) as on_round:
+        def record(line: dict[str, Any]) -> None:
+            rounds.append(line)
+            on_round(line)
 
-                server = build_server(job, process, executor, out / CHECKPOINTS, out / METRICS_LOG, held_out,
-                                      on_round=record)
-                fleet.start()
-                try:
-                    with executor:
-                        state = server.run()
-                finally:
-                    fleet.stop()
-        except (JobError, ValueError) as error:
+        try:
+            executor = build_executor(job, BrokerSettings(url))
+            process = build_process(job, artifact, executor)
+            server = build_server(job, process, executor, out / CHECKPOINTS, out / METRICS_LOG, prepared.evaluation,
+                                  on_round=record)
+        except JobError as error:
             print("\n".join(f"fedge simulate: error: {line}" for line in str(error).splitlines()), file=sys.stderr)
             return 2
+        fleet = Fleet(job.fleet.scenario(job.rounds.seed), url, prepared.clients)
+        fleet.start()
+        try:
+            with executor, _stopping_on_signals(server.stop) as signals:
+                state = server.run()
         except ConnectionError as error:
             print(f"fedge simulate: error: {error}", file=sys.stderr)
             return 1
-    _report(console, out, rounds, server, fleet, model.keras_model, process.get_model_weights(state).to_list())
+        finally:
+            fleet.stop()
+    _report(console, out, rounds, server, fleet, prepared.model.keras_model, process.get_model_weights(state).to_list())
+    if signals:
+        console.print(f"stopped by {signal.Signals(signals[0]).name} after {len(rounds)} rounds")
+        return 128 + signals[0]
     return 1 if server.rounds_run and server.rounds_failed == server.rounds_run else 0
 
 

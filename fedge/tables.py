@@ -26,12 +26,27 @@ class TableErrors(ValueError):
         self.errors = list(errors)
 
 
-def read_toml(path: Path, what: str) -> dict[str, Any]:
-    """The TOML document at `path`; TableErrors with one line naming the file when it cannot be read or parsed."""
+def _tomllib() -> Any:
+    """The standard library's TOML parser (Python 3.10: the same parser from PyPI, a desktop dependency there)."""
     if sys.version_info >= (3, 11):
         import tomllib
-    else:  # Python 3.10: the same parser, from PyPI (a desktop dependency there)
+    else:
         import tomli as tomllib
+    return tomllib
+
+
+def toml_value(text: str) -> Any:
+    """`text` read as one TOML value (`50`, `0.5`, `true`, `"x"`, `[1, 2]`), else the text itself."""
+    tomllib = _tomllib()
+    try:
+        return tomllib.loads(f"value = {text.strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text.strip()
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """The TOML document at `path`; TableErrors with one line naming the file when it cannot be read or parsed."""
+    tomllib = _tomllib()
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
@@ -39,6 +54,8 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
         raise TableErrors([f"{what} {path}: cannot read it: {error.strerror or error}"]) from None
     except tomllib.TOMLDecodeError as error:
         raise TableErrors([f"{what} {path}: invalid TOML: {error}"]) from None
+    except UnicodeDecodeError:
+        raise TableErrors([f"{what} {path}: not a TOML file (it is not UTF-8 text)"]) from None
 
 
 def is_number(value: Any) -> bool:
@@ -112,9 +129,10 @@ class Table:
         """A boolean."""
         return self.checked(key, default, _boolean, "true or false")
 
-    def integer(self, key: str, default: int | None, minimum: int) -> int | None:
-        """An integer >= minimum."""
-        return self.checked(key, default, lambda v: _integer(v, minimum), f"an integer >= {minimum}")
+    def integer(self, key: str, default: int | None, minimum: int, maximum: int | None = None) -> int | None:
+        """An integer >= minimum (and <= maximum)."""
+        bounds = f">= {minimum}" + ("" if maximum is None else f" and <= {maximum}")
+        return self.checked(key, default, lambda v: _integer(v, minimum, maximum), f"an integer {bounds}")
 
     def number(self, key: str, default: float | None, low: float, high: float = math.inf,
                low_open: bool = False) -> float | None:
@@ -133,6 +151,10 @@ class Table:
         def resolve(value: Any) -> Path:
             path = Path(_string(value)).expanduser()
             path = path if path.is_absolute() else base_dir / path
+            if kind == "file" and path.is_dir():
+                raise ValueError(f"{path} is a folder, not a file")
+            if kind == "folder" and path.is_file():
+                raise ValueError(f"{path} is a file, not a folder")
             if kind == "file" and not path.is_file() or kind == "folder" and not path.is_dir() \
                     or kind == "any" and not path.exists():
                 raise ValueError(f"{path}: no such {'file or folder' if kind == 'any' else kind}")
@@ -165,8 +187,9 @@ def _boolean(value: Any) -> bool:
     return value
 
 
-def _integer(value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+def _integer(value: Any, minimum: int, maximum: int | None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum \
+            or (maximum is not None and value > maximum):
         raise ValueError("")
     return value
 

@@ -1,8 +1,9 @@
 """Fleets of emulated edge devices, each a real MQTT client running device_runtime's protocol and training.
 
-`Fleet.from_scenario("simulator/scenarios/digits.toml", "mqtt://localhost:1883")` builds the
+`Fleet.from_scenario("simulator/scenarios/fleet_1000.toml", "mqtt://localhost:1883")` builds the
 devices a scenario file describes (groups with compute speed, bandwidth, availability
-windows, dropout, and a data partition); `start()` connects them as their windows open,
+windows, dropout, and a data partition), `Fleet.from_job(job, url)` a job file's [fleet] holding
+its [data]; `start()` connects them as their windows open,
 `stop()` takes them offline. Thousands of devices share a few asyncio loop threads (paho's
 external-loop API) and a small pool of training workers. Never imports TensorFlow.
 """

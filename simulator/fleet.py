@@ -80,7 +80,11 @@ class Fleet:
 
     @classmethod
     def from_job(cls, job: Job, broker_url: str, **options: Any) -> Fleet:
-        """The fleet of a job ([fleet] groups), each device holding one client of its [data] (seeded choice)."""
+        """The fleet of a job ([fleet] groups), each device holding one client of its [data] (seeded choice);
+        ValueError, one line per problem, when the job cannot be simulated."""
+        problems = job.simulation_problems()
+        if problems:
+            raise ValueError("\n".join(problems))
         client_data, _ = job.data.load(job.fleet.num_devices, job.rounds.seed)
         return cls(job.fleet.scenario(job.rounds.seed), broker_url, client_data, **options)
 

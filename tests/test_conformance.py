@@ -82,9 +82,9 @@ def test_the_vectors_cover_every_encoding_and_fedprox() -> None:
 def test_device_round_sans_io(vector: Vector) -> None:
     """The round as a driver sees it: what to fetch, the checks, then training."""
     device_round = DeviceRound(FLEET, vector.expected["device_id"], vector.task)
-    assert [fetch.what for fetch in device_round.fetches(model_held=False)] == ["model", "global weights"]
-    assert [fetch.what for fetch in device_round.fetches(model_held=True)] == ["global weights"]
+    assert (device_round.model_fetch.what, device_round.weights_fetch.what) == ("model", "global weights")
     assert device_round.model_fetch.topic == model_topic(FLEET, vector.task.model_hash)
+    assert device_round.weights_fetch.topic == weights_topic(FLEET)
     assert device_round.weights_fetch.matches(vector.weights_payload)
     assert not device_round.weights_fetch.matches(vector.weights_payload + b"x")
     model = TrainableModel(device_round.check_model(vector.model_bytes), num_threads=1)

@@ -93,11 +93,17 @@ def test_a_bad_data_table_names_the_key(table: dict, message: str | None, tmp_pa
 
 
 def test_a_job_without_data_parses_but_cannot_be_simulated(tmp_path: Path) -> None:
-    from fedge.simulate import simulation_problems
+    from simulator.fleet import Fleet
 
     job = parse_job({"model": {"factory": "m:f"}, "fleet": {"id": "f"}}, None, tmp_path)
-    assert [problem.split(": ", 1)[1] for problem in simulation_problems(job)] == [
+    assert [problem.split(": ", 1)[1] for problem in job.simulation_problems()] == [
         "[data] is required to simulate: dataset, npz or folder (docs/job.md)",
         "fleet.groups (or fleet.scenario) is required to simulate: the devices to emulate (docs/job.md)"]
+    with pytest.raises(ValueError, match="fleet.groups .* is required to simulate"):  # python -m simulator job.toml
+        Fleet.from_job(job, "mqtt://127.0.0.1:1")
+    too_few = parse_job({"model": {"factory": "m:f"}, "data": {"dataset": "digits"}, "rounds": {"min_reports": 3},
+                         "fleet": {"id": "f", "groups": [{"name": "a", "count": 2}]}}, None, tmp_path)
+    assert too_few.simulation_problems() == [
+        "job 'job': rounds.min_reports (3) is more than the fleet's 2 devices: no round could ever complete"]
     with pytest.raises(JobError, match="data.npz is invalid"):
         parse_job({"model": {"factory": "m:f"}, "data": {"npz": "nope.npz"}}, None, tmp_path)

@@ -225,3 +225,105 @@ def test_a_users_job_simulated_and_served_to_fedge_device_agents_ends_with_the_s
                     strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert set(served_state.server_optimizer_state) == {"m", "v"}  # the job's Adam, in serve as in simulate
+
+
+SMALL_JOB = """
+[model]
+factory = "model:build"
+loss = "sparse_categorical_crossentropy"
+batch_size = 4
+[data]
+npz = "train.npz"
+test_fraction = 0.25
+[rounds]
+count = 30
+clients_per_round = 2
+min_reports = 2
+over_selection = 1.0
+[fleet]
+id = "{fleet}"
+[[fleet.groups]]
+name = "dev"
+count = 2
+"""
+SMALL_MODEL = """
+import keras
+
+def build():
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+"""
+
+
+def _small_job(folder: Path, fleet: str, features: int = 4, labels: int = 3) -> Path:
+    rng = np.random.default_rng(0)
+    np.savez(folder / "train.npz", x=rng.normal(size=(40, features)).astype(np.float32),
+             y=rng.integers(0, labels, 40))
+    write(folder / "model.py", SMALL_MODEL)
+    return write(folder / "job.toml", SMALL_JOB.replace("{fleet}", fleet))
+
+
+@pytest.mark.parametrize("features, labels, message", [
+    (5, 3, "the examples of client client_000 of {npz} do not fit the model: x: expected shape (N, 4)"),
+    (4, 5, "the examples of client client_000 of {npz} do not fit the model: y: labels must be class ids in [0, 2]"),
+])
+def test_data_that_does_not_fit_the_model_is_refused_and_the_last_report_stays(
+        tmp_path: Path, fleet: str, features: int, labels: int, message: str) -> None:
+    job = _small_job(tmp_path, fleet, features, labels)
+    report = tmp_path / "reports" / "simulation"
+    report.mkdir(parents=True)
+    (report / ".fedge-report").write_text("")
+    (report / "metrics.jsonl").write_text('{"round": 0}\n')
+    run = subprocess.run([sys.executable, "-m", "fedge.cli", "simulate", str(tmp_path)], capture_output=True,
+                         text=True, timeout=TIMEOUT_S)  # the folder fedge new writes: its job.toml
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("fedge simulate: error:")]
+    assert len(errors) == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert errors[0].startswith(f"fedge simulate: error: {job}: " + message.format(npz=tmp_path / "train.npz"))
+    assert (report / "metrics.jsonl").read_text() == '{"round": 0}\n'  # the earlier report is untouched
+
+
+def test_a_file_that_is_not_a_job_gets_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "model.keras").write_bytes(b"PK\x03\x04\x00\xff\xfe binary")
+    assert main(["simulate", str(tmp_path / "model.keras")]) == 2
+    assert capsys.readouterr().err == f"fedge simulate: error: job {tmp_path / 'model.keras'}: not a TOML file " \
+                                      "(it is not UTF-8 text)\n"
+
+
+def test_sigterm_stops_fedge_simulate_cleanly_with_the_rounds_it_finished(tmp_path: Path, fleet: str) -> None:
+    def brokers() -> set[int]:
+        return {int(pid) for pid in os.listdir("/proc") if pid.isdigit()
+                and Path(f"/proc/{pid}/comm").exists() and Path(f"/proc/{pid}/comm").read_text().strip() == "mosquitto"}
+
+    job = _small_job(tmp_path, fleet)
+    before = brokers()
+    process = subprocess.Popen([sys.executable, "-m", "fedge.cli", "simulate", str(job), "--deadline", "600",
+                                "--max-seconds", "0.5", "--local-epochs", "1000"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "reports" / "simulation" / "metrics.jsonl"
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (metrics.exists() and len(read_metrics_log(metrics)) >= 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.terminate()
+    stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    assert process.returncode == 143, stdout[-2000:] + stderr[-2000:]
+    assert "Traceback" not in stderr and "stopped by SIGTERM after" in stdout
+    rounds = read_metrics_log(metrics)
+    assert 2 <= len(rounds) < 30 and all(r["outcome"] == "completed" for r in rounds)
+    assert (tmp_path / "reports" / "simulation" / "accuracy_loss.png").exists()
+    assert brokers() <= before  # the embedded broker is gone
+
+
+def test_serve_refuses_a_checkpoint_of_another_model_in_one_line(tmp_path: Path, fleet: str) -> None:
+    from fedge.learning.state import LearningProcessState, ModelWeights, save_state
+
+    job = _small_job(tmp_path, fleet)
+    checkpoints = tmp_path / "reports" / "serve" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    other = ModelWeights([np.zeros((7, 3), np.float32), np.zeros(3, np.float32)], [])
+    save_state(checkpoints / "state.npz", LearningProcessState(other, {}, 4))
+    run = subprocess.run([sys.executable, "-m", "fedge.cli", "serve", str(job), "--broker", "mqtt://127.0.0.1:1"],
+                         capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    errors = [line for line in run.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "state.npz does not hold this model's weights" in errors[0], errors
+    assert "output.checkpoints" in errors[0] and not (checkpoints / "model.tflite").exists()

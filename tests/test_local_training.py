@@ -102,6 +102,18 @@ def test_every_source_kind_gives_the_same_result(mlp: TrainableModel, tmp_path: 
         assert result.num_examples == 20
 
 
+@pytest.mark.parametrize("labels", [[0, 1, 2, 3, 0, 1], [0, -1, 2, 1, 0, 1], [42] * 6])
+def test_labels_the_loss_cannot_learn_from_are_refused_before_any_step(mlp: TrainableModel, labels: list) -> None:
+    """3 classes: a label of 3, -1 or 42 would train on garbage (a device with bad data): refused, weights kept."""
+    before = mlp.get_weights()
+    x = np.zeros((6, 8), np.float32)
+    with pytest.raises(ValueError, match=r"data: y: labels must be class ids in \[0, 2\] for this model's loss"):
+        train_locally(mlp, (x, np.array(labels)))
+    assert_same_weights(mlp.get_weights(), before)
+    with pytest.raises(ValueError, match=r"batch 0: y: labels must be class ids in \[0, 2\]"):
+        train_locally(mlp, [(x, np.array(labels))])  # a stream's batches too
+
+
 def test_delta_is_weights_after_minus_before(mlp: TrainableModel) -> None:
     before = mlp.get_weights()
     result = train_locally(mlp, learnable(10), epochs=2)

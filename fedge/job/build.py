@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from device_runtime.artifact import Artifact, ArtifactError
+from device_runtime.data import load_local_data
 from device_runtime.connection import BrokerSettings, TlsFiles
 from device_runtime.signing import key_id, load_signing_key
 from fedge.job.load import JobError
-from fedge.job.spec import Job, ModelSpec
+from fedge.job.spec import Job
 from fedge.learning.evaluation import FederatedEvaluation
-from fedge.learning.executors import InProcessExecutor
+from fedge.learning.executors import Executor, FleetExecutor, InProcessExecutor
 from fedge.learning.process import LearningProcess
 from fedge.server.mqtt_executor import MqttExecutor
 from fedge.server.rounds import FederatedServer, ServerSettings
@@ -51,10 +52,6 @@ def build_model(job: Job) -> JobModel:
             artifact = Artifact.from_file(spec.location)
         except (OSError, ArtifactError) as error:
             raise JobError([f"{job.where}: model.tflite {spec.location}: {error}"]) from None
-        if job.process.proximal and not artifact.manifest.proximal:
-            raise JobError([f"{job.where}: model.tflite {spec.location} was converted without FedProx's proximal "
-                            f"term; algorithm = \"fedprox\" needs one converted with it (fedge convert "
-                            f"--proximal, or give the Keras model)"])
         return JobModel(artifact)
     import keras
 
@@ -78,9 +75,9 @@ def _keras_conversion(job: Job, model: Any) -> Callable[[], Artifact]:
         raise JobError([f"{job.where}: model.loss is required: model.factory returned a Keras model"])
     if spec.batch_size is None:
         raise JobError([f"{job.where}: model.batch_size is required to convert a Keras model"])
-    return lambda: convert_keras_model(model, loss=_keras_loss(spec), optimizer=spec.optimizer.build(),
+    return lambda: convert_keras_model(model, loss=spec.keras_loss(), optimizer=spec.optimizer.build(),
                                        batch_size=spec.batch_size, metrics=spec.keras_metrics(),
-                                       proximal=job.process.proximal)
+                                       proximal=job.process.proximal, model_name=spec.name)
 
 
 def _custom_conversion(job: Job, model: Any) -> Callable[[], Artifact]:
@@ -145,44 +142,46 @@ def _job_module(folder: Path | None, name: str) -> Any:
     return module
 
 
-def _keras_loss(spec: ModelSpec) -> Any:
-    """The loss the converter takes: its name, or a Keras loss object reading logits."""
-    if not spec.from_logits:
-        return spec.loss
-    import keras
-
-    classes = {"sparse_categorical_crossentropy": keras.losses.SparseCategoricalCrossentropy,
-               "categorical_crossentropy": keras.losses.CategoricalCrossentropy,
-               "binary_crossentropy": keras.losses.BinaryCrossentropy}
-    return classes[spec.loss](from_logits=True)
-
-
-def build_process(job: Job, artifact: Artifact, executor: Any) -> LearningProcess:
-    """The job's federated process over `executor` (any fedge.learning executor)."""
+def build_process(job: Job, artifact: Artifact, executor: Executor) -> LearningProcess:
+    """The job's federated process over `executor` (any fedge.learning executor); JobError when the artifact
+    cannot run it (FedProx on an artifact without the proximal term)."""
     process = job.process
-    return LearningProcess(artifact, process.client_work, process.client_weighting, process.server_optimizer.build(),
-                           executor, process.aggregator.build(job.rounds.clients_per_round), seed=job.rounds.seed)
-
-
-def build_evaluation(job: Job, artifact: Artifact,
-                     held_out: ClientDataset | None) -> tuple[FederatedEvaluation | None, list[Any] | None]:
-    """In-process evaluation of the held-out examples (None, None without any); JobError if they do not fit."""
-    if held_out is None:
-        return None, None
-    from fedge.learning.federated_data import local_clients
-
     try:
-        local_clients([held_out], artifact.manifest)
-    except (TypeError, ValueError) as error:
-        message = str(error).replace("federated_data[0] (client 0): ", "")
-        raise JobError([f"{job.where}: the held-out examples do not fit the model: {message}"]) from None
-    return FederatedEvaluation(artifact, InProcessExecutor(num_workers=0)), [held_out]
+        return LearningProcess(artifact, process.client_work, process.client_weighting,
+                               process.server_optimizer.build(), executor,
+                               process.aggregator.build(job.rounds.clients_per_round), seed=job.rounds.seed)
+    except ValueError as error:
+        raise JobError([f"{job.where}: {error}"]) from None
 
 
-def build_broker(job: Job, url: str | None = None, password: str | None = None) -> BrokerSettings:
-    """The broker to use: `url` (an embedded broker's), else the job's; its credentials and TLS files."""
+@dataclass(frozen=True)
+class HeldOutEvaluation:
+    """In-process federated evaluation of the job's held-out examples, checked against the model."""
+
+    evaluation: FederatedEvaluation
+    data: list[ClientDataset]
+
+
+def build_evaluation(job: Job, artifact: Artifact, held_out: ClientDataset | None) -> HeldOutEvaluation | None:
+    """The evaluation of the held-out examples (None without any); JobError when they do not fit the model."""
+    if held_out is None:
+        return None
+    check_fits(job, held_out, artifact, f"the held-out examples ({job.data.test or job.data.source})")
+    return HeldOutEvaluation(FederatedEvaluation(artifact, InProcessExecutor(num_workers=0)), [held_out])
+
+
+def check_fits(job: Job, examples: ClientDataset, artifact: Artifact, what: str) -> None:
+    """JobError naming `what` unless the examples fit the model (shapes, dtypes, the labels its loss takes)."""
+    try:
+        load_local_data(examples.as_tuple(), artifact.manifest)
+    except ValueError as error:
+        raise JobError([f"{job.where}: {what} do not fit the model: {str(error).removeprefix('data: ')}"]) from None
+
+
+def build_broker(job: Job, password: str | None = None) -> BrokerSettings:
+    """The job's broker (fedge serve's) with its credentials and TLS files."""
     broker = job.broker
-    url = url or broker.url
+    url = broker.url
     if url is None:
         raise JobError([f"{job.where}: broker.url is required (the [broker] table, or --broker URL)"])
     files = (broker.tls_ca, broker.tls_cert, broker.tls_key)
@@ -208,11 +207,17 @@ def build_executor(job: Job, broker: BrokerSettings) -> MqttExecutor:
                         over_selection=rounds.over_selection, signing_key=signing_key)
 
 
-def build_server(job: Job, process: LearningProcess, executor: MqttExecutor, checkpoint_dir: Path,
-                 metrics_log: Path | None, held_out: ClientDataset | None,
+def build_server(job: Job, process: LearningProcess, executor: FleetExecutor, checkpoint_dir: Path,
+                 metrics_log: Path | None, evaluation: HeldOutEvaluation | None,
                  on_round: Callable[[dict[str, Any]], None] | None = None) -> FederatedServer:
-    """The round loop: the job's rounds of `process` over `executor`, checkpointed to `checkpoint_dir`."""
-    evaluation, eval_data = build_evaluation(job, process.artifact, held_out)
+    """The round loop: the job's rounds of `process` over `executor`, checkpointed to `checkpoint_dir`; JobError
+    when the checkpoint there is of another model or server optimizer."""
     settings = ServerSettings(job.rounds.count, checkpoint_dir, metrics_log, job.rounds.seed,
                               job.rounds.checkin_wait, job.rounds.eval_every)
-    return FederatedServer(process, executor, settings, evaluation, eval_data, on_round=on_round)
+    server = FederatedServer(process, executor, settings, None if evaluation is None else evaluation.evaluation,
+                             None if evaluation is None else evaluation.data, on_round=on_round)
+    try:
+        server.start_state()  # a checkpoint of another model or optimizer is the job's mistake: say so now
+    except ValueError as error:
+        raise JobError([f"{job.where}: {error}"]) from None
+    return server

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import math
 import re
-import sys
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -22,14 +21,14 @@ from device_runtime.connection import parse_broker_url
 from device_runtime.protocol import ENCODINGS, ClientWork, check_id
 from fedge.job.spec import (AGGREGATORS, ALGORITHMS, CLIENT_OPTIMIZERS, CROSS_ENTROPIES, LOSSES, SERVER_OPTIMIZERS,
                             AggregatorSpec, BrokerSpec, ClientOptimizerSpec, FleetSpec, Job, ModelSpec, OutputSpec,
-                            ProcessSpec, RoundsSpec, ServerOptimizerSpec)
+                            ProcessSpec, RoundsSpec, ServerOptimizerSpec, job_label)
 from fedge.learning.aggregation import ClientWeighting
 from fedge.simulation.data_spec import DataSpec, parse_data
-from fedge.tables import Table, TableErrors, read_toml
+from fedge.tables import Table, TableErrors, read_toml, toml_value
 from simulator.scenario import ScenarioError, load_scenario, parse_groups
 
 BUNDLED_JOB = "digits.toml"
-SECTIONS = ("model", "data", "process", "rounds", "fleet", "broker", "output")
+MODEL_SOURCES = ("keras", "factory", "tflite")
 # Keys whose values are paths: given on the command line, they are relative to the working directory.
 PATH_KEYS = frozenset({"model.keras", "model.tflite", "data.npz", "data.folder", "data.path", "data.test",
                        "fleet.scenario", "broker.tls_ca", "broker.tls_cert", "broker.tls_key", "broker.signing_key",
@@ -53,21 +52,16 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", key):
         raise ValueError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. rounds.count=50")
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:
-        import tomli as tomllib
-    try:
-        return key, tomllib.loads(f"value = {raw.strip()}")["value"]
-    except tomllib.TOMLDecodeError:
-        return key, raw.strip()
+    return key, toml_value(raw)
 
 
 def load_job(path: str | Path | None = None, overrides: Iterable[tuple[str, Any]] = ()) -> Job:
-    """The job in the TOML file at `path` (None: the bundled digits job) with `overrides` applied; JobError lists
-    every problem at once."""
+    """The job in the TOML file at `path` (a folder: its job.toml; None: the bundled digits job) with `overrides`
+    applied; JobError lists every problem at once."""
     bundled = path is None
     source = bundled_job_path() if bundled else Path(path)
+    if source.is_dir() and (source / "job.toml").is_file():  # the folder `fedge new` wrote
+        source = source / "job.toml"
     try:
         document = read_toml(source, "job")
     except TableErrors as error:
@@ -79,7 +73,8 @@ def load_job(path: str | Path | None = None, overrides: Iterable[tuple[str, Any]
 def parse_job(document: Mapping[str, Any], source: Path | None, base_dir: Path,
               overrides: Iterable[tuple[str, Any]] = ()) -> Job:
     """A job from its TOML document; `overrides` ((dotted key, value) pairs) replace or add keys first."""
-    label = str(source) if source is not None else "job"
+    name_given = document.get("name")
+    label = job_label(source, name_given if isinstance(name_given, str) else "job")
     errors: list[str] = []
     document = _overridden(document, overrides, errors, label)
     top = Table(document, label, "", errors)
@@ -130,9 +125,9 @@ def _overridden(document: Mapping[str, Any], overrides: Iterable[tuple[str, Any]
 
 def _model(table: Table, base_dir: Path) -> ModelSpec:
     """[model]: exactly one of keras, factory, tflite; conversion options for the first two."""
-    sources = [key for key in ("keras", "factory", "tflite") if table.has(key)]
-    for key in sources[1:]:
-        table.get(key)  # known keys, reported below as alternatives rather than as unknown
+    sources = [key for key in MODEL_SOURCES if table.has(key)]
+    for key in MODEL_SOURCES:
+        table.get(key)  # known keys (a typo's message lists them all); two of them are reported as alternatives
     if len(sources) != 1:
         table.error("keras" if not sources else " and ".join(sources),
                     "is required: give one of keras (a .keras file), factory ('module:function') or tflite "
@@ -149,9 +144,9 @@ def _model(table: Table, base_dir: Path) -> ModelSpec:
     batch_size = table.integer("batch_size", None, minimum=1)
     optimizer = _client_optimizer(table.table("optimizer"))
     spec = ModelSpec(source, location, loss, table.boolean("from_logits", False), table.strings("metrics"),
-                     batch_size, optimizer, base_dir)
+                     batch_size, optimizer, base_dir, table.string("name"))
     if source == "tflite":
-        for key in ("loss", "from_logits", "metrics", "batch_size", "optimizer"):
+        for key in ("loss", "from_logits", "metrics", "batch_size", "optimizer", "name"):
             if table.has(key):
                 table.error(key, "applies to a model that is converted; a .tflite artifact has its own")
     else:
@@ -211,7 +206,7 @@ def _rounds(table: Table) -> RoundsSpec:
         deadline=table.number("deadline", 60.0, low=0.0, low_open=True),
         checkin_wait=table.number("checkin_wait", 30.0, low=0.0, low_open=True),
         eval_every=table.integer("eval_every", 1, minimum=1),
-        seed=table.integer("seed", 0, minimum=0))
+        seed=table.integer("seed", 0, minimum=0, maximum=2**32 - 1))  # Keras seeds a factory's model with it
     if spec.min_reports > spec.clients_per_round:
         table.error("min_reports", f"({spec.min_reports}) cannot exceed clients_per_round "
                                    f"({spec.clients_per_round})")
@@ -239,7 +234,12 @@ def _process(table: Table, rounds_table: Table, rounds: RoundsSpec, model: Model
     server = _server_optimizer(table.table("server_optimizer"))
     aggregator = _aggregator(table.table("aggregator"), rounds.clients_per_round)
     table.done()
-    return ProcessSpec(algorithm, ClientWork(**work_values), ClientWeighting(weighting), server, aggregator)
+    try:  # ClientWork holds the bounds the wire can carry (e.g. fewer than 2**31 epochs)
+        client_work = ClientWork(**work_values)
+    except ValueError as error:
+        table.error_here(str(error))
+        client_work = ClientWork()
+    return ProcessSpec(algorithm, client_work, ClientWeighting(weighting), server, aggregator)
 
 
 def _server_optimizer(table: Table) -> ServerOptimizerSpec:

@@ -64,6 +64,7 @@ class ModelSpec:
     batch_size: int | None = None
     optimizer: ClientOptimizerSpec = ClientOptimizerSpec()
     search_path: Path | None = None  # where a factory's module lives (the job file's folder)
+    name: str | None = None  # recorded in the manifest (None: the model's own name)
 
     @property
     def converts(self) -> bool:
@@ -75,6 +76,17 @@ class ModelSpec:
         if self.metrics is not None:
             return list(self.metrics)
         return ["accuracy"] if self.loss in CROSS_ENTROPIES else []
+
+    def keras_loss(self) -> Any:
+        """The loss the converter takes: its name, or a Keras loss object reading logits (imports Keras)."""
+        if not self.from_logits:
+            return self.loss
+        import keras
+
+        classes = {"sparse_categorical_crossentropy": keras.losses.SparseCategoricalCrossentropy,
+                   "categorical_crossentropy": keras.losses.CategoricalCrossentropy,
+                   "binary_crossentropy": keras.losses.BinaryCrossentropy}
+        return classes[self.loss](from_logits=True)
 
 
 @dataclass(frozen=True)
@@ -228,4 +240,22 @@ class Job:
     @property
     def where(self) -> str:
         """How messages name the job: its file, else its name."""
-        return str(self.source) if self.source is not None else f"job {self.name!r}"
+        return job_label(self.source, self.name)
+
+    def simulation_problems(self) -> list[str]:
+        """What the job lacks to be simulated (data for its devices, a fleet of them, enough of them), one line each."""
+        problems = []
+        if not self.data.has_source:
+            problems.append(f"{self.where}: [data] is required to simulate: dataset, npz or folder (docs/job.md)")
+        if not self.fleet.groups:
+            problems.append(f"{self.where}: fleet.groups (or fleet.scenario) is required to simulate: the devices "
+                            f"to emulate (docs/job.md)")
+        elif self.rounds.min_reports > self.fleet.num_devices:
+            problems.append(f"{self.where}: rounds.min_reports ({self.rounds.min_reports}) is more than the fleet's "
+                            f"{self.fleet.num_devices} devices: no round could ever complete")
+        return problems
+
+
+def job_label(source: Path | None, name: str) -> str:
+    """How messages name a job: its file, else its name."""
+    return str(source) if source is not None else f"job {name!r}"

@@ -57,7 +57,9 @@ class LearningProcess(IterativeProcess):
         if not isinstance(client_work, ClientWork):
             raise TypeError(f"client_work must be a ClientWork, got {type(client_work).__name__}")
         if client_work.proximal_mu is not None and not artifact.manifest.proximal:
-            raise ValueError("FedProx's proximal_mu needs an artifact converted with proximal=True")
+            raise ValueError(f"FedProx's proximal_mu needs an artifact converted with its proximal term "
+                             f"(proximal=True, or a job whose process.algorithm is fedprox); "
+                             f"{artifact.manifest.model_name} {artifact.content_hash} has none")
         if seed is not None:
             _check_int("seed", seed, 0)
         if not isinstance(client_weighting, ClientWeighting):
@@ -116,12 +118,12 @@ class LearningProcess(IterativeProcess):
         executor = self._executor if self._executor is not None else get_default_executor()
         clients = executor.prepare(federated_data, manifest)
         weights = state.global_model_weights.for_manifest(manifest)
-        self._check_optimizer_state(state)
+        self.check_state(state)
         updates = executor.train(self._artifact, weights.to_list(), clients, self.round_config(state.round_num))
         return aggregate_round(state, weights, iter(updates), manifest, self._weighting,
                                self._server_optimizer, self._aggregator)
 
-    def _check_optimizer_state(self, state: LearningProcessState) -> None:
+    def check_state(self, state: LearningProcessState) -> None:
         """ValueError if `state` holds another optimizer's slots (e.g. a state saved by another process)."""
         needed = sorted(self._server_optimizer.initialize([]))
         if sorted(state.server_optimizer_state) != needed:

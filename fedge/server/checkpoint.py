@@ -20,6 +20,9 @@ RUN_ID_FILE = "run_id"
 class Checkpoints:
     """`<directory>/state.npz`, written after every round (fedge.learning.save_state: temp file, fsync, rename)."""
 
+    NEW_JOB = ("give the job another checkpoint folder (output.checkpoints, --checkpoint-dir) or remove its "
+               "state.npz to start a new job")
+
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         """Use (and create) `directory`."""
         self.directory = Path(directory)
@@ -34,8 +37,7 @@ class Checkpoints:
         try:
             state.global_model_weights.for_manifest(manifest)
         except ValueError as error:
-            raise ValueError(f"{self.path} does not hold this model's weights ({error}); "
-                             f"use another --checkpoint-dir or remove the file to start a new job") from None
+            raise ValueError(f"{self.path} does not hold this model's weights ({error}); {self.NEW_JOB}") from None
         logger.info("resuming from %s at round %d", self.path, state.round_num)
         return state
 

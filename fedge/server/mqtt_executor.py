@@ -188,8 +188,6 @@ class MqttExecutor(FleetExecutor):
               config: RoundConfig) -> Generator[ClientUpdate, None, dict[str, Any]]:
         """Configure the round on the broker, then yield accepted updates as they arrive; returns the round report."""
         manifest = artifact.manifest
-        if config.work.proximal_mu is not None and not manifest.proximal:
-            raise ValueError("FedProx's proximal_mu needs an artifact converted with proximal=True")
         self.start()
         started = time.time()
         weights_payload = encode_weights(self.fleet, config.round, manifest.content_hash, list(weights),

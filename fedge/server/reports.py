@@ -21,7 +21,8 @@ from device_runtime.manifest import Manifest
 logger = logging.getLogger(__name__)
 
 class DropReason(str, enum.Enum):
-    """Why a round dropped an update; the value is the key in the round's `dropped` counts (metrics log)."""
+    """Why a round dropped an update; the value is the key in the round's `dropped` counts (metrics log);
+    docs/server.md says what each means."""
 
     MALFORMED = "malformed"
     WRONG_MODEL = "wrong_model"
@@ -35,28 +36,11 @@ class DropReason(str, enum.Enum):
     SECOND_UPDATE = "second_update"
 
     @property
-    def description(self) -> str:
-        """What the reason means (docs/server.md lists the same)."""
-        return _DESCRIPTIONS[self]
-
-    @property
     def expected(self) -> bool:
         """Whether over-selection and deadlines produce it in a healthy fleet (logged at INFO, not WARNING)."""
         return self in (DropReason.LATE, DropReason.AFTER_GOAL)
 
 
-_DESCRIPTIONS = {
-    DropReason.MALFORMED: "the topic or the payload fails the codec's checks (docs/protocol.md)",
-    DropReason.WRONG_MODEL: "trained another model than the round's (model hash)",
-    DropReason.WRONG_SENDER: "the payload's fleet or device id is not the one of the topic it came on",
-    DropReason.UNKNOWN_DEVICE: "from a device that never announced itself and is not selected",
-    DropReason.NOT_SELECTED: "from a device not selected for the update's round",
-    DropReason.WRONG_ROUND: "for a round other than the open one or the one just closed",
-    DropReason.LATE: "arrived after the deadline of its round",
-    DropReason.AFTER_GOAL: "its round had already closed with its goal of reports (over-selection)",
-    DropReason.DUPLICATE_UPDATE: "an update id already counted (a QoS 1 redelivery or a replay)",
-    DropReason.SECOND_UPDATE: "the device already reported in this round",
-}
 _DECODE_REASONS = {Fault.MALFORMED: DropReason.MALFORMED, Fault.WRONG_MODEL: DropReason.WRONG_MODEL,
                    Fault.WRONG_SENDER: DropReason.WRONG_SENDER}
 

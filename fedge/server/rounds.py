@@ -59,6 +59,7 @@ class FederatedServer:
         executor.use_journal(self.checkpoints.directory / JOURNAL_FILE)  # a killed server loses no acked update
         executor.run_id = self.checkpoints.run_id(executor.run_id)  # a resumed job keeps its run id
         self._log = None if settings.metrics_log is None else MetricsLog(settings.metrics_log)
+        self._start: LearningProcessState | None = None
         self._stopping = threading.Event()
         self.rounds_run = self.rounds_failed = 0  # in this run, not counting rounds resumed from
         self._on_round = on_round
@@ -68,9 +69,24 @@ class FederatedServer:
         self._stopping.set()
         self.executor.interrupt()
 
+    def start_state(self) -> LearningProcessState:
+        """The state run() starts from: the checkpoint's, checked against the process (its model's weights and its
+        server optimizer's slots), else a fresh one; ValueError naming the checkpoint when it cannot be resumed."""
+        if self._start is None:
+            state = self.checkpoints.latest(self.process.artifact.manifest)
+            if state is None:
+                state = self.process.initialize()
+            else:
+                try:
+                    self.process.check_state(state)
+                except ValueError as error:
+                    raise ValueError(f"{self.checkpoints.path}: {error}; {self.checkpoints.NEW_JOB}") from None
+            self._start = state
+        return self._start
+
     def run(self) -> LearningProcessState:
         """Run rounds until `settings.rounds` are done or stop() is called; returns the last checkpointed state."""
-        state = self.checkpoints.latest(self.process.artifact.manifest) or self.process.initialize()
+        state, self._start = self.start_state(), None
         while state.round_num < self.settings.rounds and not self._stopping.is_set():
             started = time.time()
             selected = self._select(state.round_num)

@@ -59,21 +59,19 @@ def serve_command(args: argparse.Namespace) -> int:
     """Run the server; 0 when the rounds are done or it was stopped, 1 without a broker or when every round
     of this run failed, 2 for a job that cannot run (every problem on its own line)."""
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from fedge.job.build import build_broker, build_executor, build_model, build_process, build_server
+    from fedge.job.build import build_broker, build_evaluation, build_executor, build_model, build_process, build_server
 
     try:
         job = load_serve_job(args.job, job_overrides(args))
         password = args.password if args.password is not None else os.environ.get(PASSWORD_ENV)
-        broker = build_broker(job, password=password)
-        executor = build_executor(job, broker)
+        executor = build_executor(job, build_broker(job, password))
         model = build_model(job)
-        if job.model.converts:
-            job.output.checkpoints.mkdir(parents=True, exist_ok=True)
+        process = build_process(job, model.artifact, executor)
+        evaluation = build_evaluation(job, model.artifact, job.data.load_test(job.rounds.seed))
+        server = build_server(job, process, executor, job.output.checkpoints, job.output.metrics_log, evaluation)
+        if job.model.converts:  # written once the job is known to run, beside its checkpoint
             saved = model.artifact.save(job.output.checkpoints / CONVERTED_MODEL)
             logger.info("converted %s to %s (%s)", job.model.location, saved, model.artifact.content_hash)
-        process = build_process(job, model.artifact, executor)
-        server = build_server(job, process, executor, job.output.checkpoints, job.output.metrics_log,
-                              job.data.load_test(job.rounds.seed))
     except (JobError, ValueError, TypeError, OSError) as error:
         print("\n".join(f"fedge serve: error: {line}" for line in str(error).splitlines()), file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fedge.simulation.datasets.client_data import ClientData, ClientDataset
-from fedge.simulation.datasets.partition import PARTITIONERS
+from fedge.simulation.datasets.partition import PARTITIONERS, split
 from fedge.tables import Table
 
 NATURAL_DATASETS = ("shakespeare", "shakespeare_leaf", "shakespeare_tff", "emnist_leaf", "emnist_tff")
@@ -41,6 +41,11 @@ class DataSpec:
     seed: int | None = None  # None: the job's seed
 
     @property
+    def has_source(self) -> bool:
+        """Whether training examples are named (fedge serve needs none: its devices hold their own)."""
+        return self.dataset is not None or self.npz is not None or self.folder is not None
+
+    @property
     def natural_clients(self) -> bool:
         """Whether the source comes with its own clients (so it is not partitioned)."""
         return self.folder is not None or self.dataset in NATURAL_DATASETS
@@ -49,19 +54,19 @@ class DataSpec:
         """`num_clients` train clients and the held-out examples (None when neither `test` nor a fraction is set).
 
         With natural clients, a seeded choice of `num_clients` of them (ValueError when there are fewer)."""
+        if not self.has_source:
+            raise ValueError("[data] names no training examples: dataset, npz or folder (docs/job.md)")
         seed = self.seed if self.seed is not None else seed
         if self.natural_clients:
             clients, held_out = self._natural(seed)
             if len(clients) < num_clients:
-                raise ValueError(f"{self._source()} holds {len(clients)} clients, fewer than the {num_clients} "
+                raise ValueError(f"{self.source} holds {len(clients)} clients, fewer than the {num_clients} "
                                  f"devices to simulate (one client per device)")
             chosen = [clients.client_ids[i] for i in np.random.default_rng(seed).permutation(len(clients))]
             train = ClientData.from_function(chosen[:num_clients], clients.create_dataset_for_client)
         else:
             x, y, held_out = self._examples(seed)
-            split = PARTITIONERS[self.partition]
-            kwargs = {"alpha": self.alpha} if self.partition in ("dirichlet", "quantity_skew") else {}
-            train = split(x, y, num_clients, seed=seed, **kwargs)
+            train = split(self.partition, x, y, num_clients, seed=seed, alpha=self.alpha)
         return train, self._test_file() if self.test is not None else held_out
 
     def load_test(self, seed: int) -> ClientDataset | None:
@@ -73,7 +78,8 @@ class DataSpec:
         seed = self.seed if self.seed is not None else seed
         return self._natural(seed)[1] if self.natural_clients else self._examples(seed)[2]
 
-    def _source(self) -> str:
+    @property
+    def source(self) -> str:
         """The training source, as messages name it."""
         return str(self.npz or self.folder or self.path or self.dataset)
 
@@ -89,7 +95,11 @@ class DataSpec:
         if self.dataset == "digits":
             from fedge.simulation.datasets import digits
 
-            fraction = self.test_fraction if self.test_fraction is not None else DEFAULT_TEST_FRACTION
+            fraction = self.test_fraction if self.test_fraction is not None or self.test is not None \
+                else DEFAULT_TEST_FRACTION  # a test file holds the held-out examples: train on every digit
+            if fraction is None:
+                x, y = digits.load_arrays()
+                return x, y, None
             x_train, y_train, x_test, y_test = digits.train_test_arrays(fraction, seed)
             return x_train, y_train, ClientDataset(x_test, y_test)
         from device_runtime.data import load_local_data
@@ -112,7 +122,7 @@ class DataSpec:
             return clients, None
         count = int(round(self.test_fraction * len(clients)))
         if not 0 < count < len(clients):
-            raise ValueError(f"{self._source()}: test_fraction {self.test_fraction} of {len(clients)} clients "
+            raise ValueError(f"{self.source}: test_fraction {self.test_fraction} of {len(clients)} clients "
                              f"leaves no training or no held-out client")
         train, test = ClientData.train_test_client_split(clients, count, seed)
         return train, test.create_dataset_from_all_clients()

@@ -7,7 +7,7 @@ import numpy as np
 from fedge.simulation.datasets import partition as _partition
 from fedge.simulation.datasets.client_data import ClientData, ClientDataset
 
-PARTITIONS = tuple(_partition.PARTITIONERS)
+PARTITIONS = tuple(_partition.PARTITIONERS)  # the partitioners load_data takes
 
 
 def load_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -44,9 +44,6 @@ def load_data(
     concentration of "dirichlet" (label skew) and of "quantity_skew" (client sizes); "iid" and
     "shards" (2 shards per client) ignore it.
     """
-    if partition not in PARTITIONS:
-        raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
     x_train, y_train, x_test, y_test = train_test_arrays(test_fraction, seed)
-    split = _partition.PARTITIONERS[partition]
-    kwargs = {"alpha": alpha} if partition in ("dirichlet", "quantity_skew") else {}
-    return split(x_train, y_train, num_clients, seed=seed, **kwargs), ClientDataset(x_test, y_test)
+    clients = _partition.split(partition, x_train, y_train, num_clients, seed=seed, alpha=alpha)
+    return clients, ClientDataset(x_test, y_test)

@@ -153,3 +153,12 @@ def quantity_skew(
 
 
 PARTITIONERS = {"iid": iid, "dirichlet": dirichlet, "shards": shards, "quantity_skew": quantity_skew}
+_TAKES_ALPHA = ("dirichlet", "quantity_skew")
+
+
+def split(name: str, x: np.ndarray, y: np.ndarray, num_clients: int, *, seed: int, alpha: float = 0.5) -> ClientData:
+    """The partitioner `name` of PARTITIONERS; `alpha` is the Dirichlet concentration of dirichlet and quantity_skew
+    (iid and shards, 2 shards per client, ignore it)."""
+    if name not in PARTITIONERS:
+        raise ValueError(f"partition must be one of {tuple(PARTITIONERS)}, got {name!r}")
+    return PARTITIONERS[name](x, y, num_clients, seed=seed, **({"alpha": alpha} if name in _TAKES_ALPHA else {}))
