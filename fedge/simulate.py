@@ -92,7 +92,8 @@ def prepare(job: Job) -> Prepared:
     manifest = model.artifact.manifest
     print(f"{'converted' if job.model.converts else 'loaded'} {manifest.model_name} ({manifest.num_parameters:,} "
           f"parameters, {len(model.artifact.tflite_bytes):,}-byte trainable .tflite) in "
-          f"{time.perf_counter() - started:.1f} s; {job.fleet.num_devices} devices in {len(job.fleet.groups)} groups, "
+          f"{time.perf_counter() - started:.1f} s; {job.fleet.num_devices} devices in {len(job.fleet.groups)} "
+          f"group{'s' if len(job.fleet.groups) != 1 else ''}, "
           f"{'no' if held_out is None else len(held_out)} held-out examples")
     return Prepared(clients, model, evaluation)
 
