@@ -89,7 +89,7 @@ with np.load(sys.argv[2]) as data:
 result = train_locally(model, (x, y), epochs=1, shuffle_seed=1)
 stages.append(["train_locally (1 epoch) returned the delta", _peak_rss_kb()])
 payload = encode_update(ModelUpdate("bench", 1, "d1", uuid.uuid4().hex, model.content_hash, result.num_examples,
-                                    result.metrics, result.delta), "float32")
+                                    result.metrics, result.delta, "bench"), "float32")
 stages.append(["encode_update (float32)", _peak_rss_kb()])
 print(json.dumps(stages))
 """
@@ -316,7 +316,7 @@ def measure_update_sizes(cnn_bytes: bytes, x: np.ndarray, y: np.ndarray, repeats
     manifest = model.manifest
     update = ModelUpdate(fleet=FLEET, round=1, device_id="d1", update_id=uuid.uuid4().hex,
                          model_hash=manifest.content_hash, num_examples=result.num_examples,
-                         metrics=result.metrics, tensors=result.delta)
+                         metrics=result.metrics, tensors=result.delta, run_id="bench")
     flat = np.concatenate([t.ravel() for t in result.delta])
     rows = []
     for encoding, topk in (("float32", None), ("float16", None), ("int8", None), ("float32", 0.1), ("int8", 0.1)):
@@ -399,7 +399,7 @@ def federated_accuracy(rounds: int, clients: int, alpha: float, seed: int, local
                     payload = encode_update(ModelUpdate(
                         fleet=FLEET, round=round_id, device_id=f"c{client}", update_id=uuid.uuid4().hex,
                         model_hash=manifest.content_hash, num_examples=local.num_examples,
-                        metrics=local.metrics, tensors=local.delta), encoding)
+                        metrics=local.metrics, tensors=local.delta, run_id="bench"), encoding)
                     update = decode_update(payload, manifest, fleet=FLEET, device_id=f"c{client}")
                     sent += len(payload)
                     total += update.num_examples

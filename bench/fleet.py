@@ -54,6 +54,7 @@ SCENARIO = ROOT / "simulator" / "scenarios" / "fleet_1000.toml"
 MB = 1e6
 MIB = 1024 * 1024
 ENCODINGS = ("float32", "int8")
+INGEST_RUN = "bench-ingest"  # the run id of the MQTT intake round, which the publisher's updates name
 
 
 def proc_status_kb(pid: int | str, field: str) -> int:
@@ -230,14 +231,14 @@ import json, sys, threading, time, uuid
 import numpy as np
 import paho.mqtt.client as mqtt
 from device_runtime.protocol import ModelUpdate, decode_task, encode_update, task_topic, update_topic
-host, port, spec_path, count, encoding, seed = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
+host, port, spec_path, count, encoding, seed, run_id = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5], int(sys.argv[6]), sys.argv[7]
 spec = json.load(open(spec_path))
 rng = np.random.default_rng(seed)
 encoded = []
 for i in range(count):  # round 0: the bench's only round
     delta = [rng.standard_normal(shape, dtype=np.float32) * np.float32(1e-3) for shape in spec["shapes"]]
     encoded.append((f"dev-{i:04d}", encode_update(ModelUpdate("bench", 0, f"dev-{i:04d}", uuid.uuid4().hex,
-        spec["hash"], int(rng.integers(10, 600)), {name: 0.5 for name in spec["variables"]}, delta), encoding)))
+        spec["hash"], int(rng.integers(10, 600)), {name: 0.5 for name in spec["variables"]}, delta, run_id), encoding)))
 task = threading.Event()
 acked = threading.Semaphore(0)
 state = {}
@@ -278,7 +279,8 @@ def make_payloads(manifest: Manifest, count: int, encoding: str, seed: int) -> l
         device = f"dev-{i:04d}"
         delta = [(rng.standard_normal(shape, dtype=np.float32) * np.float32(1e-3)) for shape in shapes]
         update = ModelUpdate("bench", 0, device, uuid.uuid4().hex, manifest.content_hash,
-                             int(rng.integers(10, 600)), {name: float(rng.random()) for name in variables}, delta)
+                             int(rng.integers(10, 600)), {name: float(rng.random()) for name in variables}, delta,
+                             INGEST_RUN)
         payloads.append((device, encode_update(update, encoding)))
     return payloads
 
@@ -300,7 +302,8 @@ def aggregate(manifest: Manifest, payloads: list[tuple[str, bytes]], trace: bool
     optimizer = optimizers.SGD(1.0)
     state = LearningProcessState(weights, optimizer.initialize(weights.trainable), 0)
     gate = ReportGate("bench", is_known=lambda device: True)
-    gate.open(RoundWindow(0, frozenset(d for d, _ in payloads), time.time() + 3600, len(payloads), manifest))
+    gate.open(RoundWindow(INGEST_RUN, 0, frozenset(d for d, _ in payloads), time.time() + 3600, len(payloads),
+                          manifest))
     check_s = 0.0
 
     def updates():
@@ -352,13 +355,13 @@ def measure_mqtt_ingest(artifact, count: int, seed: int, workdir: Path) -> list[
     for encoding in ENCODINGS:
         with EmbeddedBroker("mosquitto") as broker:
             publisher = subprocess.Popen([sys.executable, "-c", _PUBLISHER, broker.host, str(broker.port), str(spec),
-                                          str(count), encoding, str(seed)], stdout=subprocess.PIPE, text=True,
+                                          str(count), encoding, str(seed), INGEST_RUN], stdout=subprocess.PIPE, text=True,
                                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
             try:
                 if publisher.stdout.readline().strip() != "ready":
                     raise SystemExit("the publisher did not start")
                 executor = MqttExecutor(broker.url, "bench", clients_per_round=count, min_reports=count,
-                                        deadline_s=600.0)
+                                        deadline_s=600.0, run_id=INGEST_RUN)
                 with executor:
                     state = LearningProcessState(weights, optimizer.initialize(weights.trainable), 0)
                     cpu, broker_cpu = sum(os.times()[:2]), proc_cpu_s(broker.pid)
@@ -400,7 +403,7 @@ def measure_aggregation(args: argparse.Namespace, workdir: Path) -> dict:
                     "artifact_bytes": len(artifact.tflite_bytes), "rows": []}
     weights = [np.zeros(w.shape, np.float32) for w in manifest.weights]
     result["weights_bytes"] = len(encode_weights("bench", 0, manifest.content_hash, weights,
-                                                 manifest.metrics.variables))
+                                                 manifest.metrics.variables, run_id=INGEST_RUN))
     selected = math.ceil(round(1.3 * args.per_round, 9))
     task = Task("0123456789abcdef", RoundConfig(0, 2**62, ClientWork(learning_rate=0.01)), manifest.content_hash,
                 "sha256:" + "0" * 64, time.time() + 60, tuple(f"phone-{i:03d}" for i in range(selected)))

@@ -154,5 +154,6 @@ class DeviceRound:
                 initial_weights=global_weights, proximal_mu=proximal_mu)
         update = ModelUpdate(fleet=self.fleet, round=self.task.round, device_id=self.device_id,
                              update_id=uuid.uuid4().hex, model_hash=self.task.model_hash,
-                             num_examples=result.num_examples, metrics=result.metrics, tensors=result.delta)
+                             num_examples=result.num_examples, metrics=result.metrics, tensors=result.delta,
+                             run_id=self.task.run_id)
         return RoundOutcome(update, encode_update(update, work.encoding, work.topk), result)

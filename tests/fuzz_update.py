@@ -38,7 +38,8 @@ def seed_payloads() -> list[bytes]:
     update = ModelUpdate(fleet="fleet", round=3, device_id="dev-1", update_id="u-1",
                          model_hash=MANIFEST.content_hash, num_examples=12,
                          metrics={"loss_sum": 3.5, "num_examples": 12.0},
-                         tensors=[rng.normal(size=w.shape).astype(np.float32) for w in MANIFEST.weights])
+                         tensors=[rng.normal(size=w.shape).astype(np.float32) for w in MANIFEST.weights],
+                         run_id="run-1")
     return [encode_update(update, encoding, topk)
             for encoding in ("float32", "float16", "int8") for topk in (None, 0.1)]
 

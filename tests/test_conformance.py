@@ -53,8 +53,8 @@ class Vector:
         """`payload` is the update this vector expects (the update id aside, which is fresh per update)."""
         want = decode_update((self.folder / "update.bin").read_bytes(), self.manifest)
         got = decode_update(payload, self.manifest, fleet=self.expected["fleet"], device_id=self.expected["device_id"])
-        assert (got.round, got.model_hash, got.num_examples) == \
-            (self.expected["round"], self.expected["model_hash"], self.expected["num_examples"])
+        assert (got.run_id, got.round, got.model_hash, got.num_examples) == \
+            (self.task.run_id, self.expected["round"], self.expected["model_hash"], self.expected["num_examples"])
         assert got.metrics == pytest.approx(self.expected["metrics"], rel=1e-5)
         for index, (delta, reference) in enumerate(zip(got.tensors, want.tensors, strict=True)):
             np.testing.assert_allclose(delta, reference, rtol=self.expected["rtol"], atol=self.expected["atol"],

@@ -544,7 +544,7 @@ def test_round_starts_from_the_published_global_weights(server, make_agent, mode
     manifest = read_manifest(model_bytes)
     rng = np.random.default_rng(3)
     weights = [rng.normal(size=w.shape).astype(np.float32) for w in manifest.weights]
-    payload = encode_weights(server.fleet, 5, model_hash, weights, manifest.metrics.variables)
+    payload = encode_weights(server.fleet, 5, model_hash, weights, manifest.metrics.variables, run_id="job-1")
     server.publish_model(model_bytes)
     server.publish(weights_topic(server.fleet), payload)
     make_agent("dev-w")
@@ -566,7 +566,7 @@ def test_round_without_its_global_weights_fails_and_publishes_nothing(server, ma
                                                                       caplog):
     manifest = read_manifest(model_bytes)
     stale = encode_weights(server.fleet, 1, model_hash, [np.zeros(w.shape, np.float32) for w in manifest.weights],
-                           manifest.metrics.variables)
+                           manifest.metrics.variables, run_id="job-1")
     server.publish_model(model_bytes)
     server.publish(weights_topic(server.fleet), stale)  # last round's weights, not the ones the task names
     agent = make_agent("dev-s", model_fetch_timeout=1.0)

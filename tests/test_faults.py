@@ -20,6 +20,7 @@ import pytest
 
 import fedge.learning as fl
 from device_runtime.agent import DeviceAgent
+from device_runtime.manifest import Manifest
 from device_runtime.protocol import decode_update, max_update_bytes, update_topic
 from fedge.learning import optimizers
 from fedge.learning.executors import ClientUpdate, InProcessExecutor
@@ -301,24 +302,25 @@ def test_bad_updates_through_the_broker_are_dropped_and_counted_in_the_metrics_l
     with executor:
         threading.Thread(target=lambda: done.put(server.run()), daemon=True).start()
         task = fake_devices.next_task()
-        r, good = task.round, fake_update(manifest, fleet, "a", task.round)
+        r, job = task.round, task.run_id
+        good = fake_update(manifest, fleet, "a", r, job)
         bad = {
-            "nan": _with_value(manifest, fleet, "b", r, np.nan),
-            "inf": _with_value(manifest, fleet, "c", r, np.inf),
-            "oversized": fake_update(manifest, fleet, "b", r) + bytes(max_update_bytes(manifest)),
-            "wrong_shapes": fake_update(manifest, fleet, "b", r, tensors=[np.zeros(3, np.float32)] * 4),
-            "wrong_round": fake_update(manifest, fleet, "b", r + 5),
-            "wrong_model": fake_update(manifest, fleet, "c", r, model_hash="sha256:" + "0" * 64),
+            "nan": _with_value(manifest, fleet, "b", r, job, np.nan),
+            "inf": _with_value(manifest, fleet, "c", r, job, np.inf),
+            "oversized": fake_update(manifest, fleet, "b", r, job) + bytes(max_update_bytes(manifest)),
+            "wrong_shapes": fake_update(manifest, fleet, "b", r, job, tensors=[np.zeros(3, np.float32)] * 4),
+            "wrong_round": fake_update(manifest, fleet, "b", r + 5, job),
+            "wrong_model": fake_update(manifest, fleet, "c", r, job, model_hash="sha256:" + "0" * 64),
         }
         fake_devices.publish(update_topic(fleet, "a"), good)
         for name, payload in bad.items():
             fake_devices.publish(update_topic(fleet, "b" if name in ("nan", "oversized", "wrong_shapes",
                                                                      "wrong_round") else "c"), payload)
-        fake_devices.publish(update_topic(fleet, "ghost"), fake_update(manifest, fleet, "ghost", r))  # unknown
+        fake_devices.publish(update_topic(fleet, "ghost"), fake_update(manifest, fleet, "ghost", r, job))  # unknown
         fake_devices.publish(update_topic(fleet, "a"), good)  # replayed update id
         second = fake_devices.next_task()  # the server went on to the next round
         for device in ("a", "b", "c"):
-            fake_devices.publish(update_topic(fleet, device), fake_update(manifest, fleet, device, second.round))
+            fake_devices.publish(update_topic(fleet, device), fake_update(manifest, fleet, device, second.round, job))
         final = done.get(timeout=TIMEOUT_S)
     lines = read_metrics_log(tmp_path / "m.jsonl")
     assert final.round_num == 2 and [line["accepted"] for line in lines] == [1, 3]
@@ -334,11 +336,11 @@ def test_bad_updates_through_the_broker_are_dropped_and_counted_in_the_metrics_l
         "accepted": lines[0]["accepted"], "next_round_accepted": lines[1]["accepted"]})
 
 
-def _with_value(manifest: dict, fleet: str, device: str, round_num: int, value: float) -> bytes:
+def _with_value(manifest: Manifest, fleet: str, device: str, round_num: int, run_id: str, value: float) -> bytes:
     """A float32 update whose first delta value is `value` (encode_update refuses NaN and Inf, so it is patched in)."""
     sentinel = np.float32(1234.5678)
     tensors = [np.full(w.shape, 0.01, np.float32) for w in manifest.weights]
     tensors[0].flat[0] = sentinel
-    payload = fake_update(manifest, fleet, device, round_num, tensors=tensors)
+    payload = fake_update(manifest, fleet, device, round_num, run_id, tensors=tensors)
     assert payload.count(sentinel.tobytes()) == 1
     return payload.replace(sentinel.tobytes(), np.float32(value).tobytes())

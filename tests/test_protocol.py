@@ -71,7 +71,7 @@ def _update(manifest: dict = SMALL, seed: int = 0, scale: float = 1.0) -> ModelU
     return ModelUpdate(fleet="fleet-a", round=7, device_id="dev-1", update_id="u-0001",
                        model_hash=HASH, num_examples=42,
                        metrics={"loss_sum": 12.5, "num_examples": 42.0, "num_batches": 2.0, "correct": 30.0},
-                       tensors=tensors)
+                       tensors=tensors, run_id="run-1")
 
 
 def _assert_valid(update: ModelUpdate, manifest: dict = SMALL) -> None:
@@ -87,7 +87,8 @@ def _assert_valid(update: ModelUpdate, manifest: dict = SMALL) -> None:
 
 def _craft(*, version: int = PROTOCOL_VERSION, identifier: bytes = b"FEUP", fleet: str | bytes = "fleet-a",
            device_id: str | bytes = "dev-1", update_id: str | bytes = "u-1", model_hash: str = HASH,
-           metrics: list[tuple[str | bytes, float]] | None = None, tensors: list[dict] | None = None) -> bytes:
+           metrics: list[tuple[str | bytes, float]] | None = None, tensors: list[dict] | None = None,
+           run_id: str | bytes | None = "run-1") -> bytes:
     """A payload built field by field with the generated code, to forge what encode_update refuses."""
     if metrics is None:
         metrics = [(name, 1.0) for name in VARIABLES]
@@ -118,6 +119,7 @@ def _craft(*, version: int = PROTOCOL_VERSION, identifier: bytes = b"FEUP", flee
         fb.MetricAddValue(builder, value)
         metric_offsets.append(fb.MetricEnd(builder))
     strings = [builder.CreateString(s) for s in (fleet, device_id, update_id, model_hash)]
+    run_id_offset = None if run_id is None else builder.CreateString(run_id)
     vectors = []
     for offsets in (tensor_offsets, metric_offsets):
         builder.StartVector(4, len(offsets), 4)
@@ -134,6 +136,8 @@ def _craft(*, version: int = PROTOCOL_VERSION, identifier: bytes = b"FEUP", flee
     fb.UpdateAddNumExamples(builder, 4)
     fb.UpdateAddMetrics(builder, vectors[1])
     fb.UpdateAddTensors(builder, vectors[0])
+    if run_id_offset is not None:
+        fb.UpdateAddRunId(builder, run_id_offset)
     builder.Finish(fb.UpdateEnd(builder), file_identifier=identifier)
     return bytes(builder.Output())
 
@@ -300,7 +304,9 @@ def test_forged_valid_payload_decodes() -> None:
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"identifier": b"TFL3"}, r"file identifier is b'TFL3', expected b'FEUP'"),
-    ({"version": 1}, "protocol version 1, this decoder speaks 2"),  # a v1 device's update
+    ({"version": 2}, "protocol version 2, this decoder speaks 3"),  # a v2 device's update (no run id)
+    ({"run_id": None}, r"update\.run_id is missing"),
+    ({"run_id": "job/1"}, "run_id 'job/1' has a non-printable character or one of"),
     ({"version": 0}, "protocol version 0"),
     ({"model_hash": "sha256:" + "cd" * 32}, "model_hash is 'sha256:cdcd.*expected 'sha256:abab"),
     ({"model_hash": "md5:00"}, "not 'sha256:'"),
@@ -454,7 +460,7 @@ def _task_json(**changes) -> bytes:
     (b"[1, 2]", "must be a JSON object"),
     (b"{}", "protocol_version is None"),
     (b" " * (1 << 20) + b"{}", "more than the 1048576 allowed"),
-    (_task_json(protocol_version=1), "protocol_version is 1, this decoder speaks 2"),  # a v1 server's task
+    (_task_json(protocol_version=2), "protocol_version is 2, this decoder speaks 3"),  # a v2 server's task
     (_task_json(epochs=None), r"missing \['epochs'\]"),
     (_task_json(priority=1), r"unknown \['priority'\]"),
     (_task_json(epochs="1"), "epochs must be an integer"),
@@ -472,7 +478,7 @@ def _task_json(**changes) -> bytes:
     (_task_json(selected="dev-1"), "selected must be a list"),
     (_task_json(selected=["ok", "a/b"]), "selected device id 'a/b'"),
     (_task_json(max_seconds=-5), "max_seconds is -5"),
-    (b'{"protocol_version": 2, "deadline": NaN}', "NaN is not allowed"),
+    (b'{"protocol_version": 3, "deadline": NaN}', "NaN is not allowed"),
     (b"[" * 100_000 + b"]" * 100_000, "not valid UTF-8 JSON"),
 ])
 def test_decode_task_refuses_malformed(payload: bytes, message: str) -> None:
@@ -514,18 +520,18 @@ def test_is_selected_draw_is_the_documented_sha256_number() -> None:
 
 
 def test_status_round_trip() -> None:
-    assert decode_status(encode_status("online")) == {"protocol_version": 2, "state": "online", "round": None}
+    assert decode_status(encode_status("online")) == {"protocol_version": PROTOCOL_VERSION, "state": "online", "round": None}
     status = decode_status(encode_status("training", 4, model_hash=HASH, backend="ai-edge-litert"))
-    assert status == {"protocol_version": 2, "state": "training", "round": 4, "model_hash": HASH,
+    assert status == {"protocol_version": PROTOCOL_VERSION, "state": "training", "round": 4, "model_hash": HASH,
                       "backend": "ai-edge-litert"}
 
 
 @pytest.mark.parametrize(("payload", "message"), [
-    (b'{"protocol_version": 2, "state": "sleeping"}', "state 'sleeping' is not one of"),
-    (b'{"protocol_version": 2, "state": "online", "round": -2}', "status round is -2"),
+    (b'{"protocol_version": 3, "state": "sleeping"}', "state 'sleeping' is not one of"),
+    (b'{"protocol_version": 3, "state": "online", "round": -2}', "status round is -2"),
     (b'{"state": "online"}', "protocol_version is None"),
     (b"offline", "not valid UTF-8 JSON"),
-    (b'{"protocol_version": 2, "state": "online", "pad": "' + b"x" * 70000 + b'"}', "more than the 65536"),
+    (b'{"protocol_version": 3, "state": "online", "pad": "' + b"x" * 70000 + b'"}', "more than the 65536"),
 ])
 def test_decode_status_refuses_malformed(payload: bytes, message: str) -> None:
     with pytest.raises(ProtocolError, match=message):
@@ -582,7 +588,7 @@ def test_protocol_imports_no_tensorflow() -> None:
 
 def test_global_weights_round_trip_and_are_named_by_their_hash() -> None:
     weights = _update(seed=4).tensors
-    payload = encode_weights("fleet-a", 9, HASH, weights, VARIABLES)
+    payload = encode_weights("fleet-a", 9, HASH, weights, VARIABLES, run_id="run-1")
     decoded = decode_weights(payload, SMALL, fleet="fleet-a")
     assert decoded.round == 9 and decoded.num_examples == 0
     for got, want in zip(decoded.tensors, weights, strict=True):

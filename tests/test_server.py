@@ -37,6 +37,7 @@ from fedge.server.reports import ReportGate, RoundWindow
 from test_device_agent import wait_until
 from fedge.server.selection import over_selected, select_devices
 from fedge.simulation.datasets import ClientDataset
+from device_runtime.manifest import Manifest
 from manifests import manifest_for
 
 TIMEOUT_S = 20.0
@@ -153,13 +154,15 @@ def fake_devices(mosquitto_broker: tuple[str, int], fleet: str) -> Iterator[Fake
     devices.close()
 
 
-def fake_update(manifest: dict, fleet: str, device_id: str, round_num: int, **fields: Any) -> bytes:
-    """A well-formed float32 update (small random delta) unless `fields` change it."""
+def fake_update(manifest: Manifest, fleet: str, device_id: str, round_num: int, run_id: str = "test-run",
+                **fields: Any) -> bytes:
+    """A well-formed float32 update (small random delta) of job `run_id`'s round unless `fields` change it."""
     rng = np.random.default_rng(abs(hash((device_id, round_num))) % 2**32)
     values = dict(fleet=fleet, round=round_num, device_id=device_id, update_id=uuid.uuid4().hex,
                   model_hash=manifest.content_hash, num_examples=8,
                   metrics={name: 1.0 for name in manifest.metrics.variables},
-                  tensors=[rng.normal(scale=0.01, size=w.shape).astype(np.float32) for w in manifest.weights])
+                  tensors=[rng.normal(scale=0.01, size=w.shape).astype(np.float32) for w in manifest.weights],
+                  run_id=run_id)
     values.update(fields)
     return encode_update(ModelUpdate(**values))
 
@@ -267,32 +270,34 @@ def test_bad_late_and_duplicate_updates_are_dropped_and_counted(artifact, make_e
     caplog.set_level(logging.INFO, logger="fedge.server")
     task = run_round(start, ["a", "b", "c"])
     assert task.selected == ("a", "b", "c") and task.weights_hash is not None
-    r = task.round
-    accepted = fake_update(manifest, fleet, "a", r)
+    r, job = task.round, task.run_id
+    accepted = fake_update(manifest, fleet, "a", r, job)
     for device, payload in [
         ("a", accepted),
         ("a", accepted),                                                            # replayed: duplicate_update
-        ("a", fake_update(manifest, fleet, "a", r)),                                # second_update
+        ("a", fake_update(manifest, fleet, "a", r, job)),                           # second_update
         ("b", b"\x00" * 64),                                                        # malformed
-        ("b", fake_update(manifest, fleet, "b", r, model_hash="sha256:" + "0" * 64)),  # wrong_model
-        ("b", fake_update(manifest, fleet, "b", r, tensors=[np.zeros(3, np.float32)] * 4)),  # malformed (shapes)
-        ("b", fake_update(manifest, fleet, "b", r + 7)),                            # wrong_round
-        ("b", fake_update(manifest, fleet, "c", r)),                                # wrong_sender
-        ("ghost", fake_update(manifest, fleet, "ghost", r)),                        # unknown_device
-        ("d", fake_update(manifest, fleet, "d", r)),                                # not_selected
+        ("b", fake_update(manifest, fleet, "b", r, job, model_hash="sha256:" + "0" * 64)),  # wrong_model
+        ("b", fake_update(manifest, fleet, "b", r, job, tensors=[np.zeros(3, np.float32)] * 4)),  # malformed
+        ("b", fake_update(manifest, fleet, "b", r + 7, job)),                       # wrong_round
+        ("b", fake_update(manifest, fleet, "b", r, "a-stopped-job")),               # wrong_job: another job's round r
+        ("b", fake_update(manifest, fleet, "c", r, job)),                           # wrong_sender
+        ("ghost", fake_update(manifest, fleet, "ghost", r, job)),                   # unknown_device
+        ("d", fake_update(manifest, fleet, "d", r, job)),                           # not_selected
     ]:
         fake_devices.publish(update_topic(fleet, device), payload)
     state, metrics = results.get(timeout=TIMEOUT_S)
     distributor = metrics["distributor"]
     assert (distributor["outcome"], distributor["closed_by"], distributor["accepted"]) == ("completed", "deadline", 1)
     assert distributor["dropped"] == {"duplicate_update": 1, "second_update": 1, "malformed": 2, "wrong_model": 1,
-                                      "wrong_round": 1, "wrong_sender": 1, "unknown_device": 1, "not_selected": 1}
+                                      "wrong_round": 1, "wrong_job": 1, "wrong_sender": 1, "unknown_device": 1,
+                                      "not_selected": 1}
     assert metrics["aggregator"]["num_clients"] == 1 and state.round_num == 1
     assert "dropped an update from ghost: unknown_device" in caplog.text
 
-    fake_devices.publish(update_topic(fleet, "b"), fake_update(manifest, fleet, "b", r))  # after round r's deadline
+    fake_devices.publish(update_topic(fleet, "b"), fake_update(manifest, fleet, "b", r, job))  # after r's deadline
     task = run_round(state, ["a"])
-    fake_devices.publish(update_topic(fleet, "a"), fake_update(manifest, fleet, "a", task.round))
+    fake_devices.publish(update_topic(fleet, "a"), fake_update(manifest, fleet, "a", task.round, job))
     _, metrics = results.get(timeout=TIMEOUT_S)
     assert metrics["distributor"]["closed_by"] == "goal" and metrics["distributor"]["dropped"] == {"late": 1}
     assert set(distributor["dropped"]) | {"late", "after_goal"} == {r.value for r in DropReason}  # after_goal: the rounds test
@@ -365,14 +370,14 @@ def test_streaming_aggregation_keeps_no_update_per_client():
     def aggregate(count: int) -> tuple[int, dict]:
         devices = [f"dev-{i}" for i in range(count)]
         gate = ReportGate("memory", is_known=lambda device: True)
-        gate.open(RoundWindow(0, frozenset(devices), time.time() + 600, count, manifest))
+        gate.open(RoundWindow("memory-run", 0, frozenset(devices), time.time() + 600, count, manifest))
         peaks = []
 
         def updates() -> Iterator[ClientUpdate]:
             for device in devices:
                 peaks.append(tracemalloc.get_traced_memory()[1])
                 payload = encode_update(ModelUpdate("memory", 0, device, uuid.uuid4().hex, manifest.content_hash,
-                                                    4, {"loss_sum": 2.0, "num_examples": 4.0}, delta))
+                                                    4, {"loss_sum": 2.0, "num_examples": 4.0}, delta, "memory-run"))
                 tracemalloc.reset_peak()  # the test's encoding is the devices' memory, not the server's
                 update = gate.check(update_topic("memory", device), payload, time.time())
                 yield ClientUpdate(update.tensors, update.num_examples, update.metrics, 0, len(payload))

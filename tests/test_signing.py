@@ -218,11 +218,11 @@ def test_agent_refuses_a_tampered_model_and_tampered_weights_named_by_a_signed_t
 
     manifest = read_manifest(model_bytes)
     weights = [np.full(w.shape, 0.5, np.float32) for w in manifest.weights]
-    genuine = encode_weights(server.fleet, 2, model_hash, weights, manifest.metrics.variables)
+    genuine = encode_weights(server.fleet, 2, model_hash, weights, manifest.metrics.variables, run_id="job-1")
     weights[0] = weights[0] + 1.0
     server.publish_model(model_bytes)
     server.publish(weights_topic(server.fleet),
-                   encode_weights(server.fleet, 2, model_hash, weights, manifest.metrics.variables))
+                   encode_weights(server.fleet, 2, model_hash, weights, manifest.metrics.variables, run_id="job-1"))
     publish_signed_task(server, SERVER_KEY, make_task(model_hash, 2, weights_hash=payload_hash(genuine)))
     wait_until(lambda: agent.stats["rounds_failed"] == 2, "the round with tampered weights to fail")
     assert any(f"did not arrive on {weights_topic(server.fleet)}" in r.getMessage() for r in caplog.records)

@@ -114,7 +114,7 @@ def publish_round(server: Server, model_bytes: bytes, manifest: dict[str, Any], 
     rng = np.random.default_rng(seed)
     weights = [rng.normal(scale=0.3, size=w.shape).astype(np.float32) for w in manifest.weights]
     payload = encode_weights(server.fleet, round_id, manifest.content_hash, weights,
-                             manifest.metrics.variables)
+                             manifest.metrics.variables, run_id="job-1")
     server.publish_model(model_bytes)
     server.publish(weights_topic(server.fleet), payload)
     task = server.publish_task(manifest.content_hash, round_id, weights_hash=payload_hash(payload), **fields)

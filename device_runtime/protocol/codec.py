@@ -44,7 +44,7 @@ _F32, _F64 = struct.Struct("<f"), struct.Struct("<d")
 
 @dataclass
 class ModelUpdate:
-    """A device's result for one round: dense float32 weight deltas in manifest order."""
+    """A device's result for one round of one job (`run_id`): dense float32 weight deltas in manifest order."""
 
     fleet: str
     round: int
@@ -54,6 +54,7 @@ class ModelUpdate:
     num_examples: int
     metrics: dict[str, float]
     tensors: list[np.ndarray]
+    run_id: str
 
 
 # ---------------------------------------------------------------------------- field checks
@@ -184,7 +185,7 @@ def encode_update(update: ModelUpdate, encoding: str = "float32", topk: float | 
     metrics = [_build_metric(builder, name, value) for name, value in update.metrics.items()]
     strings = [builder.CreateString(s) for s in (
         check_id(update.fleet, "fleet"), check_id(update.device_id, "device_id"),
-        _text(update.update_id, "update_id"), check_hash(update.model_hash))]
+        _text(update.update_id, "update_id"), check_hash(update.model_hash), check_id(update.run_id, "run_id"))]
     tensors_vector, metrics_vector = _table_vector(builder, tensors), _table_vector(builder, metrics)
     fb.UpdateStart(builder)
     fb.UpdateAddProtocolVersion(builder, PROTOCOL_VERSION)
@@ -196,6 +197,7 @@ def encode_update(update: ModelUpdate, encoding: str = "float32", topk: float | 
     fb.UpdateAddNumExamples(builder, check_uint(update.num_examples, "num_examples"))
     fb.UpdateAddMetrics(builder, metrics_vector)
     fb.UpdateAddTensors(builder, tensors_vector)
+    fb.UpdateAddRunId(builder, strings[4])
     builder.Finish(fb.UpdateEnd(builder), file_identifier=FILE_IDENTIFIER)
     return bytes(builder.Output())
 
@@ -310,6 +312,7 @@ def decode_update(payload: bytes, manifest: Manifest, max_bytes: int | None = No
             num_examples=int(root.scalar(6, _U64, 0, "num_examples")),
             metrics=_decode_metrics(root, list(manifest.metrics.variables)),
             tensors=[],
+            run_id=check_id(root.string(9, MAX_STRING_BYTES, "run_id"), "run_id"),
         )
         for expected, got, what, fault in ((manifest.content_hash, update.model_hash, "model_hash", Fault.WRONG_MODEL),
                                            (fleet, update.fleet, "fleet", Fault.WRONG_SENDER),
@@ -328,11 +331,12 @@ WEIGHTS_SENDER = "server"
 
 
 def encode_weights(fleet: str, round: int, model_hash: str, weights: list[np.ndarray], metric_variables: list[str],
-                   encoding: str = "float32") -> bytes:
-    """The round's global weights, sent as an update from `WEIGHTS_SENDER` (same schema, same checks)."""
+                   encoding: str = "float32", *, run_id: str) -> bytes:
+    """The global weights of `run_id`'s round, sent as an update from `WEIGHTS_SENDER` (same schema, same checks)."""
     return encode_update(ModelUpdate(fleet=fleet, round=round, device_id=WEIGHTS_SENDER, update_id=f"weights-{round}",
                                      model_hash=model_hash, num_examples=0,
-                                     metrics={name: 0.0 for name in metric_variables}, tensors=weights), encoding)
+                                     metrics={name: 0.0 for name in metric_variables}, tensors=weights,
+                                     run_id=run_id), encoding)
 
 
 def decode_weights(payload: bytes, manifest: Manifest, fleet: str | None = None) -> ModelUpdate:

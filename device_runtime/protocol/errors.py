@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 class Fault(enum.Enum):

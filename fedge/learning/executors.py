@@ -221,7 +221,7 @@ class InProcessExecutor(Executor):
         """Artifact and weights payload as files for the workers: (their paths, the payload); weights for one round."""
         manifest = artifact.manifest
         payload = encode_weights(SIMULATION_FLEET, round_num, manifest.content_hash, list(weights),
-                                 manifest.metrics.variables)
+                                 manifest.metrics.variables, run_id=IN_PROCESS_RUN)
         artifact_path = self._file(manifest.content_hash.hex + ".tflite", artifact.tflite_bytes)
         weights_path = self._file(f"weights-{hashlib.sha256(payload).hexdigest()}.bin", payload)
         try:

@@ -191,7 +191,7 @@ class MqttExecutor(FleetExecutor):
         self.start()
         started = time.time()
         weights_payload = encode_weights(self.fleet, config.round, manifest.content_hash, list(weights),
-                                         manifest.metrics.variables)
+                                         manifest.metrics.variables, run_id=self.run_id)
         goal = len(clients) if self.clients_per_round is None else min(self.clients_per_round, len(clients))
         if config.seed is None:  # devices always shuffle: a round without a seed gets a random one
             config = dataclasses.replace(config, seed=secrets.randbits(63))
@@ -200,7 +200,7 @@ class MqttExecutor(FleetExecutor):
         task_payload = encode_task(task)
         if self._signing_key is not None:
             task_payload = sign_task(self._signing_key, task_topic(self.fleet), task_payload)
-        window = RoundWindow(config.round, frozenset(clients), task.deadline, goal, manifest)
+        window = RoundWindow(self.run_id, config.round, frozenset(clients), task.deadline, goal, manifest)
         self._gate.open(window)
         bytes_published = self._configure(artifact, weights_payload, task_payload)
         configured = time.time()

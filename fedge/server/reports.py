@@ -25,6 +25,7 @@ class DropReason(str, enum.Enum):
     docs/server.md says what each means."""
 
     MALFORMED = "malformed"
+    WRONG_JOB = "wrong_job"
     WRONG_MODEL = "wrong_model"
     WRONG_SENDER = "wrong_sender"
     UNKNOWN_DEVICE = "unknown_device"
@@ -47,8 +48,9 @@ _DECODE_REASONS = {Fault.MALFORMED: DropReason.MALFORMED, Fault.WRONG_MODEL: Dro
 
 @dataclass
 class RoundWindow:
-    """One round's reporting window and what it has accepted and dropped so far."""
+    """One round's reporting window (the round of job `run_id`) and what it has accepted and dropped so far."""
 
+    run_id: str
     round: int
     selected: frozenset[str]
     deadline: float
@@ -109,6 +111,8 @@ class ReportGate:
                 received_at: float) -> DropReason | None:
         """Why the open round drops this decoded update, or None to accept it."""
         previous = self.previous
+        if update.run_id != window.run_id:
+            return DropReason.WRONG_JOB
         if update.round != window.round:
             if previous is None or update.round != previous.round:
                 return DropReason.WRONG_ROUND

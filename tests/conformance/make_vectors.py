@@ -58,7 +58,8 @@ def make(name: str, folder: Path) -> None:
     x, y = _data(model, count, rng)
     np.savez(folder / "data.npz", x=x, y=y)
     weights = [(w + rng.normal(scale=0.05, size=w.shape)).astype(np.float32) for w in model.get_weights()]
-    weights_payload = encode_weights(FLEET, round_id, model.content_hash, weights, list(model.manifest.metrics.variables))
+    weights_payload = encode_weights(FLEET, round_id, model.content_hash, weights, list(model.manifest.metrics.variables),
+                                     run_id=RUN_ID)
     (folder / "weights.bin").write_bytes(weights_payload)
     task = Task(RUN_ID, RoundConfig(round_id, seed, work), model.content_hash, payload_hash(weights_payload), DEADLINE,
                 (DEVICE,))

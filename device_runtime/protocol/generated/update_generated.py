@@ -64,7 +64,7 @@ def MetricEnd(builder):
 
 
 
-# The delta of one model weight (manifest["weights"][index]), flattened in C order.
+# The delta of one model weight (manifest.weights[index]), flattened in C order.
 class Tensor(object):
     __slots__ = ['_tab']
 
@@ -321,8 +321,15 @@ class Update(object):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(20))
         return o == 0
 
+    # Update
+    def RunId(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(22))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
 def UpdateStart(builder):
-    builder.StartObject(9)
+    builder.StartObject(10)
 
 def UpdateAddProtocolVersion(builder, protocolVersion):
     builder.PrependUint16Slot(0, protocolVersion, 0)
@@ -356,6 +363,9 @@ def UpdateAddTensors(builder, tensors):
 
 def UpdateStartTensorsVector(builder, numElems):
     return builder.StartVector(4, numElems, 4)
+
+def UpdateAddRunId(builder, runId):
+    builder.PrependUOffsetTRelativeSlot(9, flatbuffers.number_types.UOffsetTFlags.py_type(runId), 0)
 
 def UpdateEnd(builder):
     return builder.EndObject()
