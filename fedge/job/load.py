@@ -85,9 +85,8 @@ def parse_job(document: Mapping[str, Any], source: Path | None, base_dir: Path,
         raise JobError(errors)
     model = _model(top.table("model"), base_dir)
     data = parse_data(top.table("data"), base_dir) if top.has("data") else DataSpec()
-    rounds_table = top.table("rounds")
-    rounds = _rounds(rounds_table)
-    process = _process(top.table("process"), rounds_table, rounds, model)
+    rounds, encoding = _rounds(top.table("rounds"))
+    process = _process(top.table("process"), rounds.clients_per_round, encoding)
     fleet = _fleet(top.table("fleet"), base_dir, name)
     broker = _broker(top.table("broker"), base_dir)
     output = _output(top.table("output"), base_dir)
@@ -196,8 +195,10 @@ def _optimizer_settings(table: Table, name: str, registry: Mapping[str, tuple[st
     return values
 
 
-def _rounds(table: Table) -> RoundsSpec:
-    """[rounds] (encoding and topk are read with the process: they are the clients' work)."""
+def _rounds(table: Table) -> tuple[RoundsSpec, dict[str, Any]]:
+    """[rounds]; its encoding and topk, which are the clients' work, come back apart for [process]."""
+    encoding = {"encoding": table.choice("encoding", "float32", ENCODINGS),
+                "topk": table.number("topk", None, low=0.0, high=1.0, low_open=True)}
     spec = RoundsSpec(
         count=table.integer("count", 10, minimum=1),
         clients_per_round=table.integer("clients_per_round", 10, minimum=1),
@@ -210,11 +211,12 @@ def _rounds(table: Table) -> RoundsSpec:
     if spec.min_reports > spec.clients_per_round:
         table.error("min_reports", f"({spec.min_reports}) cannot exceed clients_per_round "
                                    f"({spec.clients_per_round})")
-    return spec
+    table.done()
+    return spec, encoding
 
 
-def _process(table: Table, rounds_table: Table, rounds: RoundsSpec, model: ModelSpec) -> ProcessSpec:
-    """[process] with [process.server_optimizer] and [process.aggregator]; [rounds] encoding and topk."""
+def _process(table: Table, clients_per_round: int, encoding: dict[str, Any]) -> ProcessSpec:
+    """[process] with [process.server_optimizer] and [process.aggregator]; the encoding of [rounds]."""
     algorithm = table.choice("algorithm", "fedavg", ALGORITHMS)
     mu = table.number("proximal_mu", None, low=0.0)
     if algorithm == "fedprox" and mu is None and not table.has("proximal_mu"):
@@ -226,13 +228,10 @@ def _process(table: Table, rounds_table: Table, rounds: RoundsSpec, model: Model
         max_steps=table.integer("max_steps", None, minimum=1),
         max_seconds=table.number("max_seconds", None, low=0.0, low_open=True),
         learning_rate=table.number("learning_rate", None, low=0.0, low_open=True),
-        proximal_mu=mu if algorithm == "fedprox" else None,
-        encoding=rounds_table.choice("encoding", "float32", ENCODINGS),
-        topk=rounds_table.number("topk", None, low=0.0, high=1.0, low_open=True))
-    rounds_table.done()
+        proximal_mu=mu if algorithm == "fedprox" else None, **encoding)
     weighting = table.choice("client_weighting", "num_examples", [w.value for w in ClientWeighting])
     server = _server_optimizer(table.table("server_optimizer"))
-    aggregator = _aggregator(table.table("aggregator"), rounds.clients_per_round)
+    aggregator = _aggregator(table.table("aggregator"), clients_per_round)
     table.done()
     try:  # ClientWork holds the bounds the wire can carry (e.g. fewer than 2**31 epochs)
         client_work = ClientWork(**work_values)
