@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from device_runtime.model_cache import default_cache_dir
@@ -46,6 +47,25 @@ def stop_on_signals() -> threading.Event:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     return stop
+
+
+@contextlib.contextmanager
+def stopping_on_signals(stop: Callable[[], None]) -> Iterator[list[int]]:
+    """While inside, SIGINT (Ctrl-C) and SIGTERM call `stop()` (a server abandons its round, a simulation ends);
+    yields the list the signals received are appended to; the previous handlers come back afterwards."""
+    received: list[int] = []
+
+    def request_stop(signum: int, frame: object) -> None:
+        logger.info("received %s: stopping after abandoning the round in progress", signal.Signals(signum).name)
+        received.append(signum)
+        stop()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def add_broker_credentials(parser: argparse.ArgumentParser, username_help: str = "MQTT user name") -> None:

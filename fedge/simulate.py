@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from device_runtime.cli import stopping_on_signals
 from fedge.job.load import JobError, load_job
 from fedge.job.options import add_job_flags, job_overrides
 from fedge.job.spec import Job
@@ -111,23 +112,6 @@ def _broker(url: str | None, kind: str) -> Iterator[str]:
         yield broker.url
 
 
-@contextlib.contextmanager
-def _stopping_on_signals(stop: Any) -> Iterator[list[int]]:
-    """SIGINT (Ctrl-C) and SIGTERM call `stop()`; yields the list the signals received are appended to."""
-    received: list[int] = []
-
-    def request_stop(signum: int, frame: object) -> None:
-        received.append(signum)
-        stop()
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def run_simulation(job: Job, prepared: Prepared, out: Path, *, broker_url: str | None = None,
                    embedded_broker: str = "auto", log_level: str = "WARNING") -> int:
     """Simulate `job` into the report folder `out`; 0 when its rounds ran, 1 when every round failed or the
@@ -163,7 +147,7 @@ def run_simulation(job: Job, prepared: Prepared, out: Path, *, broker_url: str |
         fleet = Fleet(job.fleet.scenario(job.rounds.seed), url, prepared.clients)
         fleet.start()
         try:
-            with executor, _stopping_on_signals(server.stop) as signals:
+            with executor, stopping_on_signals(server.stop) as signals:
                 state = server.run()
         except ConnectionError as error:
             print(f"fedge simulate: error: {error}", file=sys.stderr)

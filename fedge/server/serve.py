@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
-from device_runtime.cli import PASSWORD_ENV
+from device_runtime.cli import PASSWORD_ENV, stopping_on_signals
 from fedge.job.load import JobError, load_job, parse_job
 from fedge.job.options import add_job_flags, job_overrides
 from fedge.job.spec import Job
@@ -78,20 +77,12 @@ def serve_command(args: argparse.Namespace) -> int:
     if job.broker.signing_key is None:
         logger.warning("no signing key: tasks are unsigned; devices given a server public key will refuse them")
 
-    def request_stop(signum: int, frame: object) -> None:
-        logger.info("received %s: stopping after abandoning the round in progress", signal.Signals(signum).name)
-        server.stop()
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with server.executor:
+        with server.executor, stopping_on_signals(server.stop):
             state = server.run()
     except ConnectionError as error:
         print(f"fedge serve: error: {error}", file=sys.stderr)
         return 1
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     rounds = job.rounds.count
     done = "all rounds done" if state.round_num >= rounds else "stopped; the same command resumes"
     print(f"fedge serve: {done}: {state.round_num} of {rounds} rounds ({server.rounds_failed} failed in this "
