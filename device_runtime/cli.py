@@ -49,6 +49,12 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
+def print_errors(prog: str, error: BaseException) -> None:
+    """A user's mistake on stderr: one `<prog>: error: ...` line per line of the error (a job file reports every
+    problem at once, one per line)."""
+    print("\n".join(f"{prog}: error: {line}" for line in str(error).splitlines()), file=sys.stderr)
+
+
 @contextlib.contextmanager
 def stopping_on_signals(stop: Callable[[], None]) -> Iterator[list[int]]:
     """While inside, SIGINT (Ctrl-C) and SIGTERM call `stop()` (a server abandons its round, a simulation ends);

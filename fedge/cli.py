@@ -18,6 +18,7 @@ from typing import Any, Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before any command imports TensorFlow
 
 from device_runtime.artifact import ArtifactError, list_operators, list_signatures, read_manifest, verify_content_hash
+from device_runtime.cli import print_errors
 from fedge import new_job
 from fedge.job import JobError, parse_job
 from fedge.job.spec import CLIENT_OPTIMIZERS, LOSSES
@@ -41,7 +42,7 @@ def convert_command(args: argparse.Namespace) -> int:
         output = Path(args.output or Path(args.model).with_suffix(".tflite"))
         artifact.save(output)
     except (JobError, OSError) as error:
-        print("\n".join(f"fedge convert: error: {line}" for line in str(error).splitlines()), file=sys.stderr)
+        print_errors("fedge convert", error)
         return 2
     print(f"wrote {output} ({len(artifact.tflite_bytes):,} bytes, {artifact.manifest.num_parameters:,} parameters, "
           f"batch {artifact.manifest.batch_size}, {artifact.content_hash})")

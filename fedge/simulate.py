@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from device_runtime.cli import stopping_on_signals
+from device_runtime.cli import print_errors, stopping_on_signals
 from fedge.job.load import JobError, load_job
 from fedge.job.options import add_job_flags, job_overrides
 from fedge.job.spec import Job
@@ -72,7 +72,7 @@ def simulate_command(args: argparse.Namespace) -> int:
         prepared = prepare(job)
         out = claim_report_folder(job.output.simulation)  # only once everything else is known to be sound
     except (JobError, ReportFolderError, ValueError, TypeError, OSError) as error:
-        print("\n".join(f"fedge simulate: error: {line}" for line in str(error).splitlines()), file=sys.stderr)
+        print_errors("fedge simulate", error)
         return 2
     return run_simulation(job, prepared, out, broker_url=args.simulation_broker,
                           embedded_broker=args.embedded_broker, log_level=args.log_level)
@@ -142,7 +142,7 @@ def run_simulation(job: Job, prepared: Prepared, out: Path, *, broker_url: str |
             server = build_server(job, process, executor, out / CHECKPOINTS, out / METRICS_LOG, prepared.evaluation,
                                   on_round=record)
         except JobError as error:
-            print("\n".join(f"fedge simulate: error: {line}" for line in str(error).splitlines()), file=sys.stderr)
+            print_errors("fedge simulate", error)
             return 2
         fleet = Fleet(job.fleet.scenario(job.rounds.seed), url, prepared.clients)
         fleet.start()

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from device_runtime.cli import LOG_LEVELS, add_broker_credentials, broker_password, positive, stop_on_signals
+from device_runtime.cli import (LOG_LEVELS, add_broker_credentials, broker_password, positive, print_errors,
+                                stop_on_signals)
 
 if TYPE_CHECKING:
     from simulator.fleet import Fleet
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace, prog: str = "python -m simulator") -> int:
                        tls_cert=args.tls_cert, tls_key=args.tls_key, workers=args.workers,
                        server_public_key=public_key)
     except (ValueError, TypeError, OSError) as error:
-        print("\n".join(f"{prog}: error: {line}" for line in str(error).splitlines()), file=sys.stderr)
+        print_errors(prog, error)
         return 2
 
     stop = stop_on_signals()

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from device_runtime.cli import PASSWORD_ENV, stopping_on_signals
+from device_runtime.cli import PASSWORD_ENV, print_errors, stopping_on_signals
 from fedge.job.load import JobError, load_job, parse_job
 from fedge.job.options import add_job_flags, job_overrides
 from fedge.job.spec import Job
@@ -72,7 +72,7 @@ def serve_command(args: argparse.Namespace) -> int:
             saved = model.artifact.save(job.output.checkpoints / CONVERTED_MODEL)
             logger.info("converted %s to %s (%s)", job.model.location, saved, model.artifact.content_hash)
     except (JobError, ValueError, TypeError, OSError) as error:
-        print("\n".join(f"fedge serve: error: {line}" for line in str(error).splitlines()), file=sys.stderr)
+        print_errors("fedge serve", error)
         return 2
     if job.broker.signing_key is None:
         logger.warning("no signing key: tasks are unsigned; devices given a server public key will refuse them")
