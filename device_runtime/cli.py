@@ -10,15 +10,26 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from device_runtime.model_cache import default_cache_dir
+from device_runtime.native_logs import DEBUG_ENV, debugging, filtered_native_stderr
 
 PASSWORD_ENV = "FEDGE_MQTT_PASSWORD"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 logger = logging.getLogger("device_runtime.cli")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a usage mistake said in one line, `<prog>: error: ... (<prog> --help)`, exit 2: the whole usage
+    text above it buried the one line that says what is wrong."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print the mistake and exit 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def positive(kind: type) -> Callable[[str], Any]:
@@ -51,7 +62,9 @@ def stop_on_signals() -> threading.Event:
 
 def print_errors(prog: str, error: BaseException) -> None:
     """A user's mistake on stderr: one `<prog>: error: ...` line per line of the error (a job file reports every
-    problem at once, one per line)."""
+    problem at once, one per line); with --debug, the traceback behind it first."""
+    if debugging():
+        traceback.print_exception(error)
     print("\n".join(f"{prog}: error: {line}" for line in str(error).splitlines()), file=sys.stderr)
 
 
@@ -74,6 +87,21 @@ def stopping_on_signals(stop: Callable[[], None]) -> Iterator[list[int]]:
             signal.signal(sig, handler)
 
 
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """--debug: show the native libraries' start-up logs and the traceback behind every one-line error."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,  # also after a sub-command
+                        help=f"show native libraries' logs and tracebacks behind errors (also {DEBUG_ENV}=1)")
+
+
+def run_command(args: argparse.Namespace, command: Callable[[argparse.Namespace], int]) -> int:
+    """Run a parsed command with --debug applied (to this process and its children) and, without it, the native
+    libraries' start-up chatter filtered out of stderr (device_runtime.native_logs)."""
+    if getattr(args, "debug", False):
+        os.environ[DEBUG_ENV] = "1"
+    with filtered_native_stderr():
+        return command(args)
+
+
 def add_broker_credentials(parser: argparse.ArgumentParser, username_help: str = "MQTT user name") -> None:
     """--username, --password, --tls-ca, --tls-cert, --tls-key: how every fedge command authenticates to a broker."""
     parser.add_argument("--username", help=username_help)
@@ -93,7 +121,7 @@ def broker_password(args: argparse.Namespace) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of the device agent."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="fedge-device",
         description="Run a fedge device: receive round tasks over MQTT, train on local data, publish updates.")
     parser.add_argument("--broker", required=True, metavar="URL",
@@ -112,13 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TFLite interpreter threads (default: every available core)")
     parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
                         help="logging verbosity (default: %(default)s)")
+    add_debug_flag(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the agent until SIGTERM/SIGINT; 0 after a clean stop, 2 for bad arguments or data."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    return run_command(parser.parse_args(argv), lambda args: _run_agent(parser, args))
+
+
+def _run_agent(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The agent's life: connect, run tasks until a signal, stop."""
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         password = broker_password(args)
@@ -135,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             tls_cert=args.tls_cert, tls_key=args.tls_key, server_public_key=public_key,
                             num_threads=args.num_threads)
     except (ValueError, TypeError, OSError) as error:
-        parser.exit(2, f"fedge-device: error: {error}\n")
+        print_errors("fedge-device", error)
+        return 2
     if public_key is None:
         logger.warning("no --server-public-key: tasks and models are not authenticated (unsigned operation)")
     else:

@@ -1,4 +1,5 @@
-"""`python -m simulator SCENARIO --broker URL`: the same as `fedge simulate`."""
+"""`python -m simulator SCENARIO|JOB.toml --broker URL`: only the emulated fleet, against a broker and a server started
+elsewhere (`fedge simulate` runs a whole job: broker, server and this fleet)."""
 
 import sys
 

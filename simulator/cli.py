@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from device_runtime.cli import (LOG_LEVELS, add_broker_credentials, broker_password, positive, print_errors,
-                                stop_on_signals)
+from device_runtime.cli import (LOG_LEVELS, ArgumentParser, add_broker_credentials, add_debug_flag, broker_password,
+                                positive, print_errors, run_command, stop_on_signals)
 
 if TYPE_CHECKING:
     from simulator.fleet import Fleet
@@ -31,7 +31,7 @@ DESCRIPTION = ("Emulate a fleet of edge devices (a scenario file, or a job file'
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The simulator's arguments, on its own parser or on `fedge simulate`'s subparser."""
+    """The arguments of `python -m simulator`."""
     parser.add_argument("scenario", help="a scenario file (e.g. simulator/scenarios/fleet_1000.toml) or a job file")
     parser.add_argument("--broker", required=True, metavar="URL", help="mqtt://host[:port] or mqtts://host[:port]")
     add_broker_credentials(parser, username_help="MQTT user name of every device")
@@ -45,13 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stats", metavar="PATH", help="write every device's final counters to this JSON file")
     parser.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
                         help="logging verbosity (default: %(default)s)")
+    add_debug_flag(parser)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m simulator") -> int:
     """Parse the arguments and run the fleet (see run)."""
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    parser = ArgumentParser(prog=prog, description=DESCRIPTION)
     add_arguments(parser)
-    return run(parser.parse_args(argv), prog)
+    return run_command(parser.parse_args(argv), lambda args: run(args, prog))
 
 
 def run(args: argparse.Namespace, prog: str = "python -m simulator") -> int:

@@ -473,6 +473,14 @@ def test_cli_process_trains_and_stops_on_sigterm(mosquitto_broker, server, model
     assert "received SIGTERM" in log_path.read_text()
 
 
+def exit_code(main: Callable[[list[str]], int], argv: list[str]) -> int:
+    """What the command exits with: its return value, or argparse's exit for a usage mistake."""
+    try:
+        return main(argv)
+    except SystemExit as exit_info:
+        return exit_info.code
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["--broker", "http://localhost"], "scheme must be mqtt:// or mqtts://"),
     (["--broker", "mqtt://localhost:99999"], "port"),
@@ -487,10 +495,9 @@ def test_cli_rejects_bad_arguments_before_connecting(arguments, message, tmp_pat
     defaults = {"--broker": "mqtt://127.0.0.1:1", "--fleet": "f", "--device-id": "d", "--data": str(data_path),
                 "--cache-dir": str(tmp_path / "cache")}
     defaults.update(dict(zip(arguments[::2], arguments[1::2])))
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main([item for pair in defaults.items() for item in pair])
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert exit_code(cli_main, [item for pair in defaults.items() for item in pair]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1 and error.startswith("fedge-device: error: "), error
 
 
 # ------------------------------------------------------------------------------ TLS and credentials
