@@ -243,6 +243,23 @@ def test_rounds_complete_over_selected_and_accuracy_improves(artifact, start_age
     assert_same_weights(saved.global_model_weights, state.global_model_weights)
 
 
+def test_a_fleet_short_of_over_selection_starts_after_the_grace_not_the_checkin_wait(artifact, start_agents,
+                                                                                     make_executor, tmp_path, caplog):
+    start_agents({f"dev-{i}": toy_data(24, seed=20 + i) for i in range(3)})
+    executor = make_executor(clients_per_round=3, over_selection=2.0, deadline_s=20, selection_grace_s=0.5)
+    settings = ServerSettings(rounds=3, checkpoint_dir=tmp_path / "ckpt", metrics_log=tmp_path / "metrics.jsonl",
+                              checkin_timeout_s=60)  # over-selection asks for 6 of the 3 devices
+    with caplog.at_level(logging.INFO, logger="fedge.server.mqtt_executor"):
+        state = FederatedServer(make_process(artifact, executor), executor, settings).run()
+
+    assert state.round_num == 3
+    lines = read_metrics_log(tmp_path / "metrics.jsonl")
+    assert [(line["outcome"], line["selected"]) for line in lines] == [("completed", 3)] * 3
+    assert max(line["times"]["checkin"] for line in lines) < 10  # the grace, not the 60 s check-in wait
+    said = [r.getMessage() for r in caplog.records if "where over-selection asks for 6" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("3 devices available"), said
+
+
 def test_selection_draws_ceil_over_selection_times_goal_with_its_seed():
     available = [f"d{i:02d}" for i in range(10)]
     assert over_selected(4, 1.3) == 6 and over_selected(10, 1.3) == 13 and over_selected(3, 1.0) == 3

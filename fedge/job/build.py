@@ -204,7 +204,8 @@ def build_executor(job: Job, broker: BrokerSettings) -> MqttExecutor:
         logger.info("signing every task with key %s", key_id(signing_key.public_key()))
     return MqttExecutor(broker, job.fleet.id, clients_per_round=rounds.clients_per_round,
                         min_reports=rounds.min_reports, deadline_s=rounds.deadline,
-                        over_selection=rounds.over_selection, signing_key=signing_key)
+                        over_selection=rounds.over_selection, selection_grace_s=rounds.selection_grace,
+                        signing_key=signing_key)
 
 
 def build_server(job: Job, process: LearningProcess, executor: FleetExecutor, checkpoint_dir: Path,

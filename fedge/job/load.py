@@ -206,6 +206,7 @@ def _rounds(table: Table) -> tuple[RoundsSpec, dict[str, Any]]:
         over_selection=table.number("over_selection", 1.3, low=1.0),
         deadline=table.number("deadline", 60.0, low=0.0, low_open=True),
         checkin_wait=table.number("checkin_wait", 30.0, low=0.0, low_open=True),
+        selection_grace=table.number("selection_grace", 2.0, low=0.0),
         eval_every=table.integer("eval_every", 1, minimum=1),
         seed=table.integer("seed", 0, minimum=0, maximum=2**32 - 1))  # Keras seeds a factory's model with it
     if spec.min_reports > spec.clients_per_round:

@@ -172,7 +172,8 @@ class ProcessSpec:
 @dataclass(frozen=True)
 class RoundsSpec:
     """How rounds run: how many, how many reports close one and how many it needs, over-selection, the
-    reporting deadline, how long to wait for devices to check in, evaluation cadence and the seed."""
+    reporting deadline, how long to wait for devices to check in (and for over-selection's margin once the goal is
+    available), evaluation cadence and the seed."""
 
     count: int = 10
     clients_per_round: int = 10
@@ -180,6 +181,7 @@ class RoundsSpec:
     over_selection: float = 1.3
     deadline: float = 60.0
     checkin_wait: float = 30.0
+    selection_grace: float = 2.0
     eval_every: int = 1
     seed: int = 0
 
@@ -237,6 +239,21 @@ class Job:
     output: OutputSpec = OutputSpec()
     source: Path | None = None  # the job file, when it came from one
 
+    def summary(self) -> str:
+        """The job in a line or two, as a report's plots caption it: model, data, process, rounds, fleet."""
+        process, rounds, work = self.process, self.rounds, self.process.client_work
+        algorithm = f"FedProx mu {work.proximal_mu:g}" if self.process.proximal else "FedAvg"
+        client, server = self.model.optimizer, process.server_optimizer
+        learning_rate = client.learning_rate if work.learning_rate is None else work.learning_rate
+        data = self.data.source + ("" if self.data.natural_clients else f" ({self.data.partition})")
+        server_rate = "" if server.learning_rate is None else f" lr {server.learning_rate:g}"
+        return (f"{self.name}: {self.model.location} on {data}; {algorithm}, {work.epochs} local epoch(s) of "
+                f"{client.name} lr {learning_rate:g}{_numbers(client.settings)}, server {server.name}"
+                f"{server_rate}{_numbers(server.settings)}, "
+                f"{process.aggregator.name}; {rounds.clients_per_round} of {self.fleet.num_devices} devices a round "
+                f"(over-selection {rounds.over_selection:g}, deadline {rounds.deadline:g} s, {work.encoding}), "
+                f"seed {rounds.seed}")
+
     @property
     def where(self) -> str:
         """How messages name the job: its file, else its name."""
@@ -254,6 +271,12 @@ class Job:
             problems.append(f"{self.where}: rounds.min_reports ({self.rounds.min_reports}) is more than the fleet's "
                             f"{self.fleet.num_devices} devices: no round could ever complete")
         return problems
+
+
+def _numbers(settings: Mapping[str, Any]) -> str:
+    """An optimizer's numeric settings as ' momentum 0.9 beta_1 0.8' (flags such as nesterov left out)."""
+    return "".join(f" {name} {value:g}" for name, value in settings.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
 def job_label(source: Path | None, name: str) -> str:

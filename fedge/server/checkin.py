@@ -24,6 +24,7 @@ class DeviceRegistry:
         """No device known yet."""
         self._states: dict[str, str] = {}
         self._changed = threading.Condition()
+        self._changed_at = time.monotonic()  # when a device's state last changed
 
     def on_status(self, device_id: str, payload: bytes) -> None:
         """Record a status message; an empty payload (a cleared retained status) forgets the device."""
@@ -40,6 +41,7 @@ class DeviceRegistry:
                 self._states.pop(device_id, None)
             else:
                 self._states[device_id] = state
+            self._changed_at = time.monotonic()
             self._changed.notify_all()
         logger.debug("device %s: %s", device_id, state or "forgotten")
 
@@ -48,6 +50,7 @@ class DeviceRegistry:
         with self._changed:
             if self._states.get(device_id) == "training":
                 self._states[device_id] = "online"
+                self._changed_at = time.monotonic()
                 self._changed.notify_all()
 
     def known(self, device_id: str) -> bool:
@@ -60,14 +63,18 @@ class DeviceRegistry:
         with self._changed:
             return sorted(device for device, state in self._states.items() if state == "online")
 
-    def wait_for(self, count: int, timeout: float, stop: threading.Event) -> list[str]:
-        """The available devices once there are `count` of them, or whatever is available after `timeout` or a stop."""
+    def wait_for(self, count: int, timeout: float, stop: threading.Event, *, enough: int | None = None,
+                 settle: float = 0.0) -> list[str]:
+        """The available devices once there are `count` of them; or once there are `enough` and no device has
+        changed state for `settle` seconds (the fleet is as large as it gets); or whatever is available after
+        `timeout` or a stop."""
         end = time.monotonic() + timeout
         with self._changed:
             while not stop.is_set():
                 available = sorted(d for d, state in self._states.items() if state == "online")
-                left = end - time.monotonic()
-                if len(available) >= count or left <= 0:
+                now = time.monotonic()
+                settled = enough is not None and len(available) >= enough and now - self._changed_at >= settle
+                if len(available) >= count or settled or now >= end:
                     return available
-                self._changed.wait(min(left, 0.2))
+                self._changed.wait(min(end - now, 0.2))
         return self.available()

@@ -66,13 +66,16 @@ class MqttExecutor(FleetExecutor):
     def __init__(self, broker: str | BrokerSettings, fleet: str, *, clients_per_round: int | None = None,
                  min_reports: int = 1, deadline_s: float = 60.0, over_selection: float = 1.3,
                  signing_key: Ed25519PrivateKey | None = None, run_id: str | None = None,
-                 connect_timeout_s: float = 30.0, publish_timeout_s: float = 30.0) -> None:
+                 connect_timeout_s: float = 30.0, publish_timeout_s: float = 30.0,
+                 selection_grace_s: float = 2.0) -> None:
         """Check the settings; nothing touches the network before start() (or the first round).
 
         `broker` is a URL or a BrokerSettings with credentials and TLS files. With `signing_key` every
         task is signed (device_runtime.signing); it binds the model and weights by hash. `run_id` names
         the job in its tasks (default: a fresh random id); devices train each (run_id, round) once.
-        FederatedServer replaces it with the id kept in its checkpoint folder when it resumes a job."""
+        FederatedServer replaces it with the id kept in its checkpoint folder when it resumes a job.
+        A fleet that can meet the goal but not over-selection's margin starts its rounds once no device has come or
+        gone for `selection_grace_s` seconds, instead of after the whole check-in wait."""
         broker = BrokerSettings(broker) if isinstance(broker, str) else broker
         self.fleet = check_id(fleet, "fleet")
         if clients_per_round is not None:
@@ -82,8 +85,11 @@ class MqttExecutor(FleetExecutor):
             raise ValueError(f"min_reports ({min_reports}) cannot exceed clients_per_round ({clients_per_round})")
         _check_number("deadline_s", deadline_s, 0.0, low_open=True)
         _check_number("over_selection", over_selection, 1.0)
+        _check_number("selection_grace_s", selection_grace_s, 0.0)
         self.clients_per_round, self.min_reports = clients_per_round, min_reports
         self.deadline_s, self.over_selection = float(deadline_s), float(over_selection)
+        self.selection_grace_s = float(selection_grace_s)
+        self._said_fleet_is_short = False
         self.publish_timeout_s, self.connect_timeout_s = publish_timeout_s, connect_timeout_s
         self._signing_key = signing_key
         self.run_id = secrets.token_hex(8) if run_id is None else check_id(run_id, "run_id")
@@ -149,10 +155,17 @@ class MqttExecutor(FleetExecutor):
     # -- check-in and selection -------------------------------------------------------------------
 
     def wait_for_devices(self, timeout: float) -> list[str]:
-        """The available devices once enough to over-select are checked in, or what is available after `timeout`."""
+        """The available devices once enough to over-select are checked in; or once enough for the goal are and
+        none has come or gone for the selection grace (said once in the log); or what is available at `timeout`."""
         self.start()
-        wanted = 1 if self.clients_per_round is None else over_selected(self.clients_per_round, self.over_selection)
-        return self.registry.wait_for(max(wanted, self.min_reports), timeout, self._stop)
+        goal = max(self.clients_per_round or 1, self.min_reports)
+        wanted = max(goal, over_selected(goal, self.over_selection) if self.clients_per_round else 1)
+        available = self.registry.wait_for(wanted, timeout, self._stop, enough=goal, settle=self.selection_grace_s)
+        if goal <= len(available) < wanted and not self._said_fleet_is_short:
+            self._said_fleet_is_short = True
+            logger.info("%d devices available where over-selection asks for %d: rounds start with the available "
+                        "ones once none has come or gone for %.1f s", len(available), wanted, self.selection_grace_s)
+        return available
 
     def select(self, seed: int | None, round_num: int) -> list[str]:
         """ceil(over_selection * clients_per_round) available devices drawn with the round's seed (all, without a goal)."""
