@@ -1,6 +1,7 @@
 """The `fedge` command: `fedge new` starts a job, `fedge simulate` runs it on an emulated fleet, `fedge serve`
-runs it with real devices over MQTT, `fedge convert` lowers a saved Keras model, `fedge inspect` reads an
-artifact, `fedge broker-config` and `fedge signing-key` secure a fleet.
+runs it with real devices over MQTT, `fedge export` takes the trained model out of a checkpoint, `fedge convert`
+lowers a saved Keras model, `fedge inspect` reads an artifact, `fedge broker-config` and `fedge signing-key`
+secure a fleet.
 
 TensorFlow is imported only where a model is converted (`convert`, and `simulate` or `serve` of a job whose
 model is not a `.tflite`); `serve` of a `.tflite` and `inspect` need the device-side dependencies alone.
@@ -18,12 +19,18 @@ from typing import Any, Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before any command imports TensorFlow
 
 from device_runtime.artifact import ArtifactError, list_operators, list_signatures, read_manifest, verify_content_hash
-from device_runtime.cli import print_errors
-from fedge import new_job
+from device_runtime.cli import ArgumentParser, add_debug_flag, print_errors, run_command
+from fedge import __version__, new_job
 from fedge.job import JobError, parse_job
 from fedge.job.spec import CLIENT_OPTIMIZERS, LOSSES
 from fedge.server import serve
 from fedge import simulate
+from fedge import export
+
+# What `pip install 'fedge[desktop]'` adds to a device-only install: conversion, datasets, reports, the embedded broker.
+DESKTOP_MODULES = frozenset({"tensorflow", "keras", "sklearn", "rich", "matplotlib", "amqtt", "dp_accounting",
+                             "tensorboardX"})
+
 
 def convert_command(args: argparse.Namespace) -> int:
     """Convert a saved Keras model to a trainable artifact: the flags are a job's [model] keys, checked and
@@ -169,7 +176,9 @@ def _add_security_parsers(commands: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedge", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="fedge", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"fedge {__version__}")
+    add_debug_flag(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
     convert = commands.add_parser("convert", help="lower a saved Keras model (.keras) to a trainable .tflite")
@@ -209,13 +218,29 @@ def build_parser() -> argparse.ArgumentParser:
                                  "checkpoint)")
     serve.add_arguments(served)
     served.set_defaults(run=serve.serve_command)
+
+    exported = commands.add_parser("export", help="write the trained model of a fedge serve or fedge simulate "
+                                   "checkpoint folder as a .keras model or an inference .tflite")
+    export.add_arguments(exported)
+    exported.set_defaults(run=export.export_command)
     _add_security_parsers(commands)
+    for command in commands.choices.values():  # `fedge --debug simulate` and `fedge simulate --debug` alike
+        add_debug_flag(command)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return run_command(args, args.run)
+    except ModuleNotFoundError as error:
+        missing = (error.name or "").split(".")[0]
+        if missing not in DESKTOP_MODULES:
+            raise
+        print_errors(f"fedge {args.command}", RuntimeError(
+            f"this command needs the desktop extra, which this install lacks (No module named {missing!r}): "
+            f"pip install 'fedge[desktop]'"))
+        return 2
 
 
 if __name__ == "__main__":

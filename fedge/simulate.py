@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the job's [broker] is fedge serve's)")
     parser.add_argument("--embedded-broker", choices=["auto", "mosquitto", "amqtt"], default="auto",
                         help="which embedded broker: Mosquitto when installed, else amqtt (default: auto)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the stopped run in the report folder from its checkpoint (its metrics and "
+                             "log are appended to; a larger --rounds extends a finished run)")
     parser.add_argument("--log-level", default="WARNING", type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     add_job_flags(parser, SIMULATE_FLAGS)
@@ -62,7 +65,7 @@ class Prepared:
 def simulate_command(args: argparse.Namespace) -> int:
     """Load the job and its data and model, refuse what cannot run (exit 2, every problem on its own line), then
     claim the report folder and simulate."""
-    from fedge.report import ReportFolderError, claim_report_folder
+    from fedge.report import ReportFolderError, claim_report_folder, reopen_report_folder
 
     try:
         job = load_job(args.job, job_overrides(args))
@@ -70,7 +73,10 @@ def simulate_command(args: argparse.Namespace) -> int:
         if problems:
             raise JobError(problems)
         prepared = prepare(job)
-        out = claim_report_folder(job.output.simulation)  # only once everything else is known to be sound
+        if args.resume:
+            out = reopen_report_folder(job.output.simulation)
+        else:
+            out = claim_report_folder(job.output.simulation)  # only once everything else is known to be sound
     except (JobError, ReportFolderError, ValueError, TypeError, OSError) as error:
         print_errors("fedge simulate", error)
         return 2
@@ -114,14 +120,15 @@ def _broker(url: str | None, kind: str) -> Iterator[str]:
 
 def run_simulation(job: Job, prepared: Prepared, out: Path, *, broker_url: str | None = None,
                    embedded_broker: str = "auto", log_level: str = "WARNING") -> int:
-    """Simulate `job` into the report folder `out`; 0 when its rounds ran, 1 when every round failed or the
-    broker could not be reached, 128 + the signal when SIGINT or SIGTERM stopped it (the report then holds the
-    rounds that finished)."""
+    """Simulate `job` into the report folder `out` (from its checkpoint when there is one: a resumed run);
+    0 when its rounds ran, 1 when every round failed or the broker could not be reached, 128 + the signal when
+    SIGINT or SIGTERM stopped it (the report then holds the rounds that finished)."""
     from rich.console import Console
 
     from device_runtime.connection import BrokerSettings
     from fedge.job.build import build_executor, build_process, build_server
     from fedge.report import CHECKPOINTS, METRICS_LOG, SIMULATION_LOG
+    from fedge.server.metrics_log import read_metrics_log
     from simulator.fleet import Fleet
 
     # Devices dropping out and coming back log what happened to them: into the report folder, not over the progress
@@ -130,48 +137,56 @@ def run_simulation(job: Job, prepared: Prepared, out: Path, *, broker_url: str |
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     console = Console(soft_wrap=True)  # a round is one line, also when the output is piped
     artifact = prepared.model.artifact
-    rounds: list[dict[str, Any]] = []
-    with _broker(broker_url, embedded_broker) as url, _progress(console, job.rounds.count) as on_round:
-        def record(line: dict[str, Any]) -> None:
-            rounds.append(line)
-            on_round(line)
-
+    with _broker(broker_url, embedded_broker) as url:
         try:
             executor = build_executor(job, BrokerSettings(url))
             process = build_process(job, artifact, executor)
             server = build_server(job, process, executor, out / CHECKPOINTS, out / METRICS_LOG, prepared.evaluation,
-                                  on_round=record)
+                                  on_round=lambda line: show_round(line))  # the progress below, once it is shown
+            server.checkpoints.save_model(artifact, prepared.model.keras_model)  # so fedge export needs the folder only
         except JobError as error:
             print_errors("fedge simulate", error)
             return 2
+        start = server.start_state().round_num
+        if start:
+            console.print(f"resuming from {server.checkpoints.path}: {start} of {job.rounds.count} rounds done")
         fleet = Fleet(job.fleet.scenario(job.rounds.seed), url, prepared.clients)
         fleet.start()
         try:
-            with executor, stopping_on_signals(server.stop) as signals:
+            with (executor, stopping_on_signals(server.stop) as signals,
+                  _progress(console, job.rounds.count, start) as show_round):
                 state = server.run()
         except ConnectionError as error:
             print(f"fedge simulate: error: {error}", file=sys.stderr)
             return 1
         finally:
             fleet.stop()
-    _report(console, out, rounds, server, fleet, prepared.model.keras_model, process.get_model_weights(state).to_list())
+    rounds = read_metrics_log(out / METRICS_LOG) if (out / METRICS_LOG).exists() else []
+    _report(console, out, rounds, server, fleet, prepared.model.keras_model, process.get_model_weights(state).to_list(),
+            job.summary())
     if signals:
-        console.print(f"stopped by {signal.Signals(signals[0]).name} after {len(rounds)} rounds")
+        console.print(f"stopped by {signal.Signals(signals[0]).name} after {state.round_num} of {job.rounds.count} "
+                      f"rounds; the same command with --resume continues it")
         return 128 + signals[0]
     return 1 if server.rounds_run and server.rounds_failed == server.rounds_run else 0
 
 
 @contextlib.contextmanager
-def _progress(console: Any, total: int) -> Iterator[Any]:
-    """A progress bar over the rounds; yields the callback that prints a round's line and advances it."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _progress(console: Any, total: int, done: int) -> Iterator[Any]:
+    """A progress bar over the rounds (`done` of them already) with the time left; yields the callback that prints
+    a round's line and advances it."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    from fedge.server.reports import surplus_and_refused
 
     with Progress(TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.description}"), console=console) as progress:
-        bar = progress.add_task("", total=total)
+                  TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.description}"),
+                  console=console) as progress:
+        bar = progress.add_task("", total=total, completed=done)
 
         def on_round(record: dict[str, Any]) -> None:
-            dropped = sum(record["dropped"].values())
+            surplus, refused = surplus_and_refused(record["dropped"])
             if record["outcome"] == "completed":
                 outcome = (f"loss {record.get('train_loss', math.nan):.3f} acc "
                            f"{record.get('train_accuracy', math.nan):.3f}  held-out "
@@ -180,7 +195,7 @@ def _progress(console: Any, total: int) -> Iterator[Any]:
                 outcome = f"{record['outcome'].upper()}: weights unchanged"
             progress.console.print(
                 f"round {record['round']:3d}  reports {record['accepted']:2d}/{record['selected']:<2d} "
-                f"dropped {dropped:2d}  {outcome}"
+                f"surplus {surplus:2d}" + (f" [red]refused {refused}[/red]" if refused else "") + f"  {outcome}"
                 f"  {(record['bytes_up'] + record['bytes_down']) / 1e3:4.0f} kB {record['seconds']:4.1f} s"
                 + (f"  epsilon {record['dp_epsilon']:.2f}" if "dp_epsilon" in record else ""),
                 highlight=False)
@@ -190,11 +205,12 @@ def _progress(console: Any, total: int) -> Iterator[Any]:
 
 
 def _report(console: Any, out: Path, rounds: list[dict[str, Any]], server: Any, fleet: Any, keras_model: Any,
-            weights: list[Any]) -> None:
-    """Plots and the final model into the report folder, and the run's summary on the console."""
+            weights: list[Any], caption: str) -> None:
+    """Plots (captioned with the job) and the final model into the report folder, and the run's summary on the
+    console."""
     from fedge.report import write_report
 
-    written = write_report(out, rounds, keras_model, weights)
+    written = write_report(out, rounds, keras_model, weights, caption)
     totals = fleet.totals()
     final = rounds[-1] if rounds else {}
     console.print(f"{len(rounds)} rounds ({server.rounds_failed} failed); held-out accuracy "

@@ -289,16 +289,19 @@ def test_a_file_that_is_not_a_job_gets_one_line(tmp_path: Path, capsys: pytest.C
                                       "(it is not UTF-8 text)\n"
 
 
-def test_sigterm_stops_fedge_simulate_cleanly_with_the_rounds_it_finished(tmp_path: Path, fleet: str) -> None:
+def test_sigterm_stops_fedge_simulate_cleanly_and_resume_continues_it(tmp_path: Path, fleet: str) -> None:
     def brokers() -> set[int]:
         return {int(pid) for pid in os.listdir("/proc") if pid.isdigit()
                 and Path(f"/proc/{pid}/comm").exists() and Path(f"/proc/{pid}/comm").read_text().strip() == "mosquitto"}
 
     job = _small_job(tmp_path, fleet)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    environment = {**os.environ, "TMPDIR": str(temp)}  # the embedded broker's and the executor's temp folders
     before = brokers()
     process = subprocess.Popen([sys.executable, "-m", "fedge.cli", "simulate", str(job), "--deadline", "600",
                                 "--max-seconds", "0.5", "--local-epochs", "1000"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
     metrics = tmp_path / "reports" / "simulation" / "metrics.jsonl"
     deadline = time.monotonic() + TIMEOUT_S
     while not (metrics.exists() and len(read_metrics_log(metrics)) >= 2) and time.monotonic() < deadline:
@@ -306,11 +309,33 @@ def test_sigterm_stops_fedge_simulate_cleanly_with_the_rounds_it_finished(tmp_pa
     process.terminate()
     stdout, stderr = process.communicate(timeout=TIMEOUT_S)
     assert process.returncode == 143, stdout[-2000:] + stderr[-2000:]
-    assert "Traceback" not in stderr and "stopped by SIGTERM after" in stdout
+    assert "Traceback" not in stderr and "stopped by SIGTERM after" in stdout and "--resume continues it" in stdout
     rounds = read_metrics_log(metrics)
     assert 2 <= len(rounds) < 30 and all(r["outcome"] == "completed" for r in rounds)
     assert (tmp_path / "reports" / "simulation" / "accuracy_loss.png").exists()
     assert brokers() <= before  # the embedded broker is gone
+    assert list(temp.iterdir()) == []  # and every temporary folder
+
+    done = load_state(tmp_path / "reports" / "simulation" / "checkpoints" / "state.npz").round_num
+    assert done >= len(rounds)
+    resumed = subprocess.run([sys.executable, "-m", "fedge.cli", "simulate", str(job), "--resume",
+                              "--rounds", str(done + 2)], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert f"resuming from {tmp_path / 'reports' / 'simulation' / 'checkpoints' / 'state.npz'}: {done} of " \
+           f"{done + 2} rounds done" in resumed.stdout
+    after = read_metrics_log(metrics)
+    assert [r["round"] for r in after] == [r["round"] for r in rounds] + [done, done + 1]
+    assert f"{len(after)} rounds (0 failed)" in resumed.stdout  # the report covers both runs
+
+
+def test_resume_without_a_stopped_run_is_one_line(tmp_path: Path, fleet: str) -> None:
+    job = _small_job(tmp_path, fleet)
+    run = subprocess.run([sys.executable, "-m", "fedge.cli", "simulate", str(job), "--resume"], capture_output=True,
+                         text=True, timeout=TIMEOUT_S)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert run.stderr == f"fedge simulate: error: {tmp_path / 'reports' / 'simulation'} is not a fedge simulate " \
+                         "report folder: nothing to resume (run without --resume to start one)\n"
+    assert not (tmp_path / "reports").exists()
 
 
 def test_serve_refuses_a_checkpoint_of_another_model_in_one_line(tmp_path: Path, fleet: str) -> None:

@@ -1,11 +1,14 @@
-"""The server's checkpoint: the process state after the last finished round, one file replaced atomically."""
+"""The server's checkpoint: the process state after the last finished round, one file replaced atomically, and
+beside it the model that state trains, so the folder alone gives the trained model (`fedge export`)."""
 
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
+from device_runtime.artifact import Artifact
 from device_runtime.atomic_file import replace_atomically
 from device_runtime.protocol import ProtocolError, check_id
 from device_runtime.manifest import Manifest
@@ -15,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.npz"
 RUN_ID_FILE = "run_id"
+MODEL_FILE = "model.tflite"  # the trainable artifact the checkpoint's weights belong to
+KERAS_MODEL_FILE = "model.keras"  # the Keras model it was converted from (untrained), when there is one
 
 
 class Checkpoints:
@@ -53,6 +58,27 @@ class Checkpoints:
         replace_atomically(path, lambda file: file.write(check_id(new, "run id").encode() + b"\n"))
         return new
 
+    def save_model(self, artifact: Artifact, keras_model: Any | None = None, keep: str | None = None) -> list[Path]:
+        """Write the model the checkpoint trains beside it (the trainable artifact, and the untrained Keras model
+        when the job has one), each replaced atomically; returns what was written.
+
+        Earlier copies are fedge's and replaced, but never the file `keep` (the job's own model, which a user may
+        keep in this folder under one of these names): it already is the model."""
+        from fedge.export import save_keras_model  # which reads these files: imported here, not at the top
+
+        written = []
+        model_path, keras_path = self.directory / MODEL_FILE, self.directory / KERAS_MODEL_FILE
+        if not _is_file(model_path, keep):
+            written.append(replace_atomically(model_path, lambda file: file.write(artifact.tflite_bytes)))
+        if keras_model is not None and not _is_file(keras_path, keep):
+            written.append(save_keras_model(keras_model, keras_path))
+        return written
+
     def save(self, state: LearningProcessState) -> Path:
         """Replace the checkpoint with `state` atomically."""
         return save_state(self.path, state)
+
+
+def _is_file(path: Path, other: str | None) -> bool:
+    """Whether `path` exists and is the file `other`."""
+    return other is not None and path.exists() and Path(other).exists() and path.samefile(other)

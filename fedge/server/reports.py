@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from device_runtime.protocol import Fault, ModelUpdate, ProtocolError, decode_update, topic_device_id
@@ -40,6 +40,13 @@ class DropReason(str, enum.Enum):
     def expected(self) -> bool:
         """Whether over-selection and deadlines produce it in a healthy fleet (logged at INFO, not WARNING)."""
         return self in (DropReason.LATE, DropReason.AFTER_GOAL)
+
+
+def surplus_and_refused(dropped: Mapping[str, int]) -> tuple[int, int]:
+    """A round's `dropped` counts split into the surplus a healthy fleet produces (after the goal or the deadline)
+    and the updates its checks refused (everything else): what a user should and should not worry about."""
+    surplus = sum(count for reason, count in dropped.items() if DropReason(reason).expected)
+    return surplus, sum(dropped.values()) - surplus
 
 
 _DECODE_REASONS = {Fault.MALFORMED: DropReason.MALFORMED, Fault.WRONG_MODEL: DropReason.WRONG_MODEL,
@@ -114,6 +121,8 @@ class ReportGate:
         if update.run_id != window.run_id:
             return DropReason.WRONG_JOB
         if update.round != window.round:
+            if previous is None and update.round == window.round - 1:
+                return DropReason.LATE  # the round before a resumed one closed in the earlier run
             if previous is None or update.round != previous.round:
                 return DropReason.WRONG_ROUND
             if update.update_id in previous.update_ids:

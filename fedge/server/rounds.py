@@ -86,6 +86,14 @@ class FederatedServer:
 
     def run(self) -> LearningProcessState:
         """Run rounds until `settings.rounds` are done or stop() is called; returns the last checkpointed state."""
+        try:
+            return self._run_rounds()
+        finally:
+            if self._log is not None:
+                self._log.close()  # its TensorBoard event file; a later run() opens a new one
+
+    def _run_rounds(self) -> LearningProcessState:
+        """run()'s loop: select, run the process's round, evaluate, checkpoint, report."""
         state, self._start = self.start_state(), None
         while state.round_num < self.settings.rounds and not self._stopping.is_set():
             started = time.time()
@@ -96,8 +104,9 @@ class FederatedServer:
             try:
                 next_state, metrics = self.process.next(state, selected)
             except RoundInterruptedError as interruption:
-                logger.info("%s; %s holds round %d's starting state", interruption, self.checkpoints.path,
-                            state.round_num)
+                kept = (f"{self.checkpoints.path} holds round {state.round_num}'s starting state"
+                        if self.checkpoints.path.exists() else "no round had finished, so no checkpoint was written")
+                logger.info("%s; %s", interruption, kept)
                 break
             trained = time.time()
             outcome = metrics["distributor"]["outcome"]

@@ -21,7 +21,6 @@ from fedge.job.spec import Job
 
 logger = logging.getLogger("fedge.serve")
 
-CONVERTED_MODEL = "model.tflite"
 SERVE_FLAGS = ("--broker", "--fleet", "--rounds", "--clients-per-round", "--min-reports", "--deadline",
                "--over-selection", "--checkin-timeout", "--encoding", "--topk", "--eval-every", "--seed",
                "--local-epochs", "--max-steps", "--max-seconds", "--learning-rate", "--proximal-mu",
@@ -68,9 +67,10 @@ def serve_command(args: argparse.Namespace) -> int:
         process = build_process(job, model.artifact, executor)
         evaluation = build_evaluation(job, model.artifact, job.data.load_test(job.rounds.seed))
         server = build_server(job, process, executor, job.output.checkpoints, job.output.metrics_log, evaluation)
-        if job.model.converts:  # written once the job is known to run, beside its checkpoint
-            saved = model.artifact.save(job.output.checkpoints / CONVERTED_MODEL)
-            logger.info("converted %s to %s (%s)", job.model.location, saved, model.artifact.content_hash)
+        # once the job is known to run: the model beside its checkpoint, so the folder alone gives the trained model
+        saved = server.checkpoints.save_model(model.artifact, model.keras_model, keep=job.model.location)
+        logger.info("the model %s (%s) beside the checkpoint: %s", job.model.location, model.artifact.content_hash,
+                    ", ".join(path.name for path in saved) or "already there")
     except (JobError, ValueError, TypeError, OSError) as error:
         print_errors("fedge serve", error)
         return 2
