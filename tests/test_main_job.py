@@ -24,6 +24,8 @@ def test_simulate_runs_rounds_and_writes_the_report(tmp_path, broker, mosquitto_
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert (f"embedded {broker} broker" in run.stdout) == (broker != "external")
     assert "3 rounds (0 failed)" in run.stdout
+    for noise in ("oneDNN", "absl", "XNNPACK", "Traceback"):  # TensorFlow's and LiteRT's start-up lines stay out
+        assert noise not in run.stdout + run.stderr, run.stderr[-3000:]
     assert {path.name for path in out.iterdir()} >= REPORT_FILES
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [0, 1, 2]  # the server's round ids, as in fedge serve's metrics log
