@@ -7,7 +7,7 @@ positions are left out of the loss with `ignore_class`. Each round prints its me
 TFF's structure; at the end the trained weights go into that same .tflite and its `forward`
 signature (the LiteRT interpreter, no Keras) samples text one character at a time.
 
-    python examples/text_generation.py [--text tinyshakespeare.txt] [--rounds 10]
+    python examples/text_generation.py --text tinyshakespeare.txt [--rounds 10]
 
 tinyshakespeare.txt is https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
 """
@@ -30,7 +30,6 @@ from device_runtime import TrainableModel  # noqa: E402
 from fedge.simulation.datasets import shakespeare  # noqa: E402
 from fedge.simulation.models import char_gru  # noqa: E402
 
-DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 # ids the sampler never draws: padding, unknown characters, begin and end of a speech
 _NOT_SAMPLED = [shakespeare.PAD_ID, shakespeare.OOV_ID, shakespeare.BOS_ID, shakespeare.EOS_ID]
 
@@ -59,7 +58,8 @@ def sample_text(model: TrainableModel, prompt: str, length: int, temperature: fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="a play: 'Name:' lines, then the speech")
+    parser.add_argument("--text", type=Path, required=True,
+                        help="a play: 'Name:' lines, then the speech (tinyshakespeare.txt: see this file's docstring)")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--clients-per-round", type=int, default=8)
     parser.add_argument("--seq-length", type=int, default=shakespeare.SEQUENCE_LENGTH)
@@ -75,8 +75,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not args.text.is_file():
-        parser.error(f"{args.text} not found; download tinyshakespeare.txt (see this file's docstring) "
-                     "and pass --text")
+        parser.error(f"{args.text} not found; download tinyshakespeare.txt (see this file's docstring)")
 
     keras.utils.set_random_seed(args.seed)
     train_data = shakespeare.load_play_text(args.text, seq_length=args.seq_length)

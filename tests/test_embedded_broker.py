@@ -36,12 +36,14 @@ def test_retained_qos1_and_persistent_sessions(kind):
         device.loop_stop()
         publisher.publish("fedge/f/task", b"task", qos=1).wait_for_publish(10)  # while the device is away
         device, received, _ = _client(broker, "device", clean=False)
-        deadline = time.monotonic() + 10
-        while b"task" not in received and time.monotonic() < deadline:  # queued for its persistent session
-            time.sleep(0.05)
-        # amqtt 0.12 drops QoS 1 messages for an offline persistent session (fedge's tasks and models are
-        # retained, so a returning device still gets them); Mosquitto queues them as MQTT requires.
-        assert (b"task" in received) == (kind == "mosquitto")
+        # Mosquitto queues QoS 1 messages for an offline persistent session, as MQTT requires. amqtt 0.12 usually
+        # drops them (fedge's tasks and models are retained, so a returning device still gets them), but not when
+        # the publish races the device's disconnect: nothing is asserted of it here.
+        if kind == "mosquitto":
+            deadline = time.monotonic() + 10
+            while b"task" not in received and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert b"task" in received
         for client in (device, publisher):
             client.disconnect()
             client.loop_stop()
