@@ -3,10 +3,12 @@
 TensorFlow's C++ start-up lines (absl's "All log messages before absl::InitializeLog()" and
 "oneDNN custom operations are on", printed twice per import; TF_CPP_MIN_LOG_LEVEL no longer
 reaches them) and LiteRT's "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." are written
-by C++ straight to file descriptor 2, out of Python's reach. `filtered_native_stderr` routes fd 2
-through a pipe for the length of a command and forwards every line except those: warnings,
-errors and Python's own output still reach the terminal as they come. `FEDGE_DEBUG=1` (the
-commands' `--debug`) turns the filter off.
+by C++ straight to file descriptor 2, out of Python's reach. `filtered_native_stderr` points fd 2
+at a pipe read by a small filter process, which forwards every line except those: warnings,
+errors, Python's own output and a crash's last words still reach the terminal. A process, not a
+thread: it needs no GIL (C++ may write while holding it), outlives an abort of the command, and
+serves the command's children for as long as they write. `FEDGE_DEBUG=1` (the commands'
+`--debug`) turns the filter off.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
+import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 
 DEBUG_ENV = "FEDGE_DEBUG"
@@ -24,6 +27,7 @@ DEBUG_ENV = "FEDGE_DEBUG"
 NOISE = re.compile(rb"^(I\d{4} \d\d:\d\d:[\d.]+ +\d+ [\w.]+:\d+\] |"
                    rb"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$|"
                    rb"INFO: (Created TensorFlow Lite XNNPACK delegate for CPU|Initialized TensorFlow Lite runtime)\.$)")
+IDLE_FLUSH_S = 0.1  # a partial line (a prompt, a progress dot) is shown after this long without more output
 
 
 def debugging() -> bool:
@@ -34,43 +38,51 @@ def debugging() -> bool:
 @contextlib.contextmanager
 def filtered_native_stderr() -> Iterator[None]:
     """While inside, lines written to fd 2 (by C++ libraries, Python, child processes) reach the terminal unless
-    they are NOISE; nothing is filtered when debugging() or when fd 2 cannot be redirected."""
+    they are NOISE; nothing is filtered when debugging() or when the filter cannot start."""
     if debugging():
         yield
         return
     try:
         sys.stderr.flush()
+        # Its own session: Ctrl-C, which signals the terminal's foreground group, must not stop the filter first.
+        # -S skips site: the filter needs nothing but this module.
+        filter_process = subprocess.Popen([sys.executable, "-S", "-c", _FILTER_MAIN, __file__],
+                                          stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
         terminal = os.dup(2)
-        read_end, write_end = os.pipe()
-    except (OSError, ValueError, AttributeError):  # no fd 2 (an embedding host): nothing to filter
+    except (OSError, ValueError, AttributeError):  # no fd 2, no interpreter to start: nothing to filter
         yield
         return
-    forwarder = threading.Thread(target=_forward, args=(read_end, terminal), name="fedge-stderr-filter",
-                                 daemon=True)
-    forwarder.start()
-    os.dup2(write_end, 2)
-    os.close(write_end)
+    os.dup2(filter_process.stdin.fileno(), 2)
     try:
         yield
     finally:
         sys.stderr.flush()
-        os.dup2(terminal, 2)  # our last writer of the pipe is gone: the forwarder sees its end (children aside)
-        forwarder.join(timeout=2.0)
-        if not forwarder.is_alive():  # else a child process still writes through it: leave the copy open
-            os.close(terminal)
+        os.dup2(terminal, 2)
+        os.close(terminal)
+        filter_process.stdin.close()  # the filter ends once every writer (children too) has closed the pipe
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            filter_process.wait(timeout=0.5)  # its last lines before ours, unless a child still writes
 
 
-def _forward(read_end: int, terminal: int) -> None:
-    """Copy lines from the pipe to the terminal, leaving out NOISE; a partial last line is forwarded at the end.
-    Once the terminal is gone (a closed pipe) the pipe is still drained, so writers never block."""
-    pending, open_terminal = b"", True
-    with os.fdopen(read_end, "rb", buffering=0) as pipe:
-        while chunk := pipe.read(65536):
-            *lines, pending = (pending + chunk).split(b"\n")
-            if open_terminal:
-                open_terminal = _write(terminal, b"".join(line + b"\n" for line in lines if not NOISE.match(line)))
-    if pending and open_terminal and not NOISE.match(pending):
-        _write(terminal, pending)
+def forward(read_fd: int, write_fd: int) -> None:
+    """Copy lines from `read_fd` to `write_fd` until end of file, leaving out NOISE; a partial line goes out after
+    IDLE_FLUSH_S without more input. Once `write_fd` is gone the input is still drained, so writers never block."""
+    pending, open_output = b"", True
+    while True:
+        ready, _, _ = select.select([read_fd], [], [], IDLE_FLUSH_S if pending else None)
+        if not ready:  # idle with a partial line: show it
+            if open_output and not NOISE.match(pending):
+                open_output = _write(write_fd, pending)
+            pending = b""
+            continue
+        chunk = os.read(read_fd, 65536)
+        if not chunk:
+            break
+        *lines, pending = (pending + chunk).split(b"\n")
+        if open_output:
+            open_output = _write(write_fd, b"".join(line + b"\n" for line in lines if not NOISE.match(line)))
+    if pending and open_output and not NOISE.match(pending):
+        _write(write_fd, pending)
 
 
 def _write(fd: int, data: bytes) -> bool:
@@ -81,3 +93,16 @@ def _write(fd: int, data: bytes) -> bool:
     except OSError:
         return False
     return True
+
+
+# The filter process: this file loaded alone (not the package, which imports numpy), signals ignored (the command
+# it serves decides when it ends, by closing the pipe), stdin -> stderr.
+_FILTER_MAIN = """
+import importlib.util, signal, sys
+for number in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
+    signal.signal(number, signal.SIG_IGN)
+spec = importlib.util.spec_from_file_location("fedge_native_logs", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+module.forward(0, 2)
+"""
