@@ -260,6 +260,23 @@ def test_a_fleet_short_of_over_selection_starts_after_the_grace_not_the_checkin_
     assert len(said) == 1 and said[0].startswith("3 devices available"), said
 
 
+def test_the_grace_waits_for_busy_surplus_devices_and_not_for_devices_that_do_not_exist():
+    from fedge.server.checkin import DeviceRegistry
+
+    def waited(states: dict[str, str]) -> tuple[float, int]:
+        registry = DeviceRegistry()
+        for device, state in states.items():
+            registry.on_status(device, encode_status(state))
+        started = time.monotonic()
+        available = registry.wait_for(4, 1.5, threading.Event(), enough=2, settle=0.2)  # over-select 4, goal 2
+        return time.monotonic() - started, len(available)
+
+    seconds, available = waited({"a": "online", "b": "online"})  # the whole fleet: 2 devices
+    assert available == 2 and 0.2 <= seconds < 1.0
+    seconds, available = waited({"a": "online", "b": "online", "c": "training", "d": "training"})
+    assert available == 2 and seconds >= 1.5  # c and d come back after their round: worth the check-in wait
+
+
 def test_selection_draws_ceil_over_selection_times_goal_with_its_seed():
     available = [f"d{i:02d}" for i in range(10)]
     assert over_selected(4, 1.3) == 6 and over_selected(10, 1.3) == 13 and over_selected(3, 1.0) == 3

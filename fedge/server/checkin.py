@@ -65,15 +65,17 @@ class DeviceRegistry:
 
     def wait_for(self, count: int, timeout: float, stop: threading.Event, *, enough: int | None = None,
                  settle: float = 0.0) -> list[str]:
-        """The available devices once there are `count` of them; or once there are `enough` and no device has
-        changed state for `settle` seconds (the fleet is as large as it gets); or whatever is available after
-        `timeout` or a stop."""
+        """The available devices once there are `count` of them; or once there are `enough` while the whole fleet,
+        busy devices included, is smaller than `count` and no device has changed state for `settle` seconds (it
+        will not grow); or whatever is available after `timeout` or a stop."""
         end = time.monotonic() + timeout
         with self._changed:
             while not stop.is_set():
                 available = sorted(d for d, state in self._states.items() if state == "online")
+                reachable = sum(state in ("online", "training") for state in self._states.values())
                 now = time.monotonic()
-                settled = enough is not None and len(available) >= enough and now - self._changed_at >= settle
+                settled = (enough is not None and enough <= len(available) and reachable < count
+                           and now - self._changed_at >= settle)
                 if len(available) >= count or settled or now >= end:
                     return available
                 self._changed.wait(min(end - now, 0.2))

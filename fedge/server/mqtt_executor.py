@@ -74,8 +74,9 @@ class MqttExecutor(FleetExecutor):
         task is signed (device_runtime.signing); it binds the model and weights by hash. `run_id` names
         the job in its tasks (default: a fresh random id); devices train each (run_id, round) once.
         FederatedServer replaces it with the id kept in its checkpoint folder when it resumes a job.
-        A fleet that can meet the goal but not over-selection's margin starts its rounds once no device has come or
-        gone for `selection_grace_s` seconds, instead of after the whole check-in wait."""
+        A fleet too small for over-selection's margin (busy devices counted) but large enough for the goal starts its
+        rounds once no device has come or gone for `selection_grace_s` seconds, instead of after the whole check-in
+        wait."""
         broker = BrokerSettings(broker) if isinstance(broker, str) else broker
         self.fleet = check_id(fleet, "fleet")
         if clients_per_round is not None:
@@ -155,8 +156,9 @@ class MqttExecutor(FleetExecutor):
     # -- check-in and selection -------------------------------------------------------------------
 
     def wait_for_devices(self, timeout: float) -> list[str]:
-        """The available devices once enough to over-select are checked in; or once enough for the goal are and
-        none has come or gone for the selection grace (said once in the log); or what is available at `timeout`."""
+        """The available devices once enough to over-select are checked in; or, in a fleet too small to over-select
+        even when its busy devices are back, once enough for the goal are and none has come or gone for the
+        selection grace (said once in the log); or what is available at `timeout`."""
         self.start()
         goal = max(self.clients_per_round or 1, self.min_reports)
         wanted = max(goal, over_selected(goal, self.over_selection) if self.clients_per_round else 1)
