@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -39,8 +40,8 @@ def run_once(out: Path, extra: list[str]) -> tuple[list[dict], float]:
 
 
 def accuracy_after(records: list[dict], rounds: int) -> float:
-    """Held-out accuracy after the first `rounds` rounds (round id rounds - 1)."""
-    return next(r["eval_accuracy"] for r in records if r["round"] == rounds - 1)
+    """Held-out accuracy after the first `rounds` rounds (round id rounds - 1); NaN when that round failed."""
+    return next((r.get("eval_accuracy", math.nan) for r in records if r["round"] == rounds - 1), math.nan)
 
 
 def plot(curves: list[list[dict]], path: Path) -> None:
@@ -52,10 +53,9 @@ def plot(curves: list[list[dict]], path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(7, 3.6))
     for index, records in enumerate(curves, 1):
-        line, = axis.plot([r["round"] + 1 for r in records], [r["eval_accuracy"] for r in records],
-                          label=f"run {index}: held-out")
-        axis.plot([r["round"] + 1 for r in records], [r["train_accuracy"] for r in records], ":",
-                  color=line.get_color(), alpha=0.6)
+        rounds = [r["round"] + 1 for r in records]  # a failed round has no accuracies: a gap in the curve
+        line, = axis.plot(rounds, [r.get("eval_accuracy", math.nan) for r in records], label=f"run {index}: held-out")
+        axis.plot(rounds, [r.get("train_accuracy", math.nan) for r in records], ":", color=line.get_color(), alpha=0.6)
     axis.axhline(CHANCE, color="gray", linewidth=0.8, linestyle="--", label="chance")
     axis.set(title="fedge simulate (bundled digits job): held-out accuracy, dotted: clients' train accuracy",
              xlabel="rounds done", ylabel="accuracy", ylim=(0, 1))
@@ -78,12 +78,12 @@ def main() -> None:
         for index in range(1, args.runs + 1):
             records, seconds = run_once(Path(temp) / f"run{index}", args.extra)
             curves.append(records)
-            left = next((r["round"] + 1 for r in records if r["eval_accuracy"] >= LEFT_CHANCE), None)
+            left = next((r["round"] + 1 for r in records if r.get("eval_accuracy", 0) >= LEFT_CHANCE), None)
             marks = "  ".join(f"after {n}: {accuracy_after(records, n):.3f}"
                               for n in (5, 10, 20, len(records)) if n <= len(records))
             print(f"run {index}: held-out >= {LEFT_CHANCE} after round {left}; {marks}; {seconds:.0f} s wall",
                   flush=True)
-    finals = [records[-1]["eval_accuracy"] for records in curves]
+    finals = [records[-1].get("eval_accuracy", math.nan) for records in curves]
     print(f"final held-out accuracy: {', '.join(f'{a:.3f}' for a in finals)} (median {statistics.median(finals):.3f})")
     plot(curves, args.figure)
     print(f"figure: {args.figure}")

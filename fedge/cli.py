@@ -10,6 +10,7 @@ model is not a `.tflite`); `serve` of a `.tflite` and `inspect` need the device-
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -103,7 +104,7 @@ def inspect_command(args: argparse.Namespace) -> int:
     try:
         report = inspect_report(Path(args.file).read_bytes())
     except (OSError, ArtifactError) as error:
-        print(f"fedge inspect: {args.file}: {error}", file=sys.stderr)
+        print_errors("fedge inspect", ValueError(f"{args.file}: {error}"))
         return 2
     if args.json:
         print(json.dumps(report, indent=2))
@@ -123,7 +124,7 @@ def signing_key_command(args: argparse.Namespace) -> int:
         print(f"fedge signing-key: error: {args.private} exists; a signing key is never overwritten", file=sys.stderr)
         return 2
     except OSError as error:
-        print(f"fedge signing-key: error: {error}", file=sys.stderr)
+        print_errors("fedge signing-key", error)
         return 2
     print(f"wrote {args.private} (private: fedge serve --signing-key) and {public} (public: fedge-device "
           f"--server-public-key); key id {kid}")
@@ -142,7 +143,7 @@ def broker_config_command(args: argparse.Namespace) -> int:
                                     ("localhost", "127.0.0.1"), port=args.port, bind=args.bind,
                                     server_user=args.server_user, client_certs=args.client_certs)
     except (OSError, ValueError) as error:
-        print(f"fedge broker-config: error: {error}", file=sys.stderr)
+        print_errors("fedge broker-config", error)
         return 2
     print(f"wrote the broker configuration of fleet {args.fleet!r} ({len(devices)} devices) to {files.directory}\n"
           f"  start:       mosquitto -c {files.config}\n"
@@ -173,6 +174,14 @@ def _add_security_parsers(commands: Any) -> None:
     signing.add_argument("private", help="the private key's PEM file (created with mode 0600; never overwritten)")
     signing.add_argument("--public", help="the public key's PEM file (default: <private without .pem>.pub.pem)")
     signing.set_defaults(run=signing_key_command)
+
+
+def _installed(module: str) -> bool:
+    """Whether the top-level `module` can be found (a module blocked with None in sys.modules cannot)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_command(args, args.run)
     except ModuleNotFoundError as error:
         missing = (error.name or "").split(".")[0]
-        if missing not in DESKTOP_MODULES:
+        if missing not in DESKTOP_MODULES or _installed(missing):  # installed but broken: its own traceback
             raise
         print_errors(f"fedge {args.command}", RuntimeError(
             f"this command needs the desktop extra, which this install lacks (No module named {missing!r}): "

@@ -28,8 +28,7 @@ from device_runtime.artifact import Artifact, ArtifactError, content_digest, rea
 from device_runtime.atomic_file import replace_atomically
 from device_runtime.cli import print_errors
 from device_runtime.manifest import Manifest
-from fedge.learning.state import load_state
-from fedge.server.checkpoint import CHECKPOINT_FILE, KERAS_MODEL_FILE, MODEL_FILE
+from fedge.server.checkpoint import CHECKPOINT_FILE, KERAS_MODEL_FILE, MODEL_FILE, read_state
 
 OUTPUT_SUFFIXES = (".keras", ".tflite")
 # Exported predictions may differ from the trainable artifact's by float rounding (other kernels), never more.
@@ -73,9 +72,9 @@ def read_checkpoint(folder: Path) -> SavedCheckpoint:
         raise ExportError(f"{folder}: no {CHECKPOINT_FILE}: not a checkpoint folder, or its job has not finished "
                           f"a round yet")
     try:
-        state = load_state(state_path)
-    except Exception as error:  # a corrupt .npz raises anything: zipfile, numpy, JSON and key errors
-        raise ExportError(f"{state_path}: not a readable fedge checkpoint ({type(error).__name__}: {error})") from None
+        state = read_state(state_path)
+    except ValueError as error:
+        raise ExportError(str(error)) from None
     if not model_path.is_file():
         raise ExportError(f"{folder}: no {MODEL_FILE} beside {CHECKPOINT_FILE} (fedge serve and fedge simulate write "
                           f"it when they start): run the job again with this fedge (it resumes), or copy the job's "

@@ -8,9 +8,10 @@ It never writes into a folder that holds anything.
 from __future__ import annotations
 
 import argparse
-import sys
 from importlib import resources
 from pathlib import Path
+
+from device_runtime.cli import print_errors
 
 TEMPLATE_FILES = ("job.toml", "model.py")
 TEST_FRACTION = 0.2
@@ -26,7 +27,7 @@ def new_command(args: argparse.Namespace) -> int:
     try:
         written = write_job_folder(Path(args.directory))
     except (FileExistsError, OSError) as error:
-        print(f"fedge new: error: {error}", file=sys.stderr)
+        print_errors("fedge new", error)
         return 2
     print(f"wrote {', '.join(str(path) for path in written)}\n"
           f"  simulate: fedge simulate {args.directory}/job.toml\n"

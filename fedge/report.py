@@ -46,7 +46,7 @@ def claim_report_folder(path: Path) -> Path:
         raise ReportFolderError(f"{path} exists and is not a folder")
     entries = sorted(entry.name for entry in path.iterdir()) if path.exists() else []
     if entries:
-        foreign = [name for name in entries if name not in REPORT_ENTRIES]
+        foreign = [name for name in entries if name not in REPORT_ENTRIES and not _atomic_leftover(name)]
         if REPORT_MARKER not in entries or foreign:
             shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "") if foreign else "no report marker"
             raise ReportFolderError(f"{path} holds files fedge did not write ({shown}): give --out a new or empty "
@@ -57,6 +57,12 @@ def claim_report_folder(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / REPORT_MARKER).write_text("a fedge simulate report; the next run into this folder replaces it\n")
     return path
+
+
+def _atomic_leftover(name: str) -> bool:
+    """Whether `name` is the temporary file of a report entry replaced atomically by a run killed meanwhile
+    (device_runtime.atomic_file names them `.<entry>.<random>.tmp`)."""
+    return name.startswith(".") and name.endswith(".tmp") and name[1:].rsplit(".", 2)[0] in REPORT_ENTRIES
 
 
 def reopen_report_folder(path: Path) -> Path:

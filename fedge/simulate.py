@@ -14,7 +14,6 @@ import contextlib
 import logging
 import math
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -144,7 +143,7 @@ def run_simulation(job: Job, prepared: Prepared, out: Path, *, broker_url: str |
             server = build_server(job, process, executor, out / CHECKPOINTS, out / METRICS_LOG, prepared.evaluation,
                                   on_round=lambda line: show_round(line))  # the progress below, once it is shown
             server.checkpoints.save_model(artifact, prepared.model.keras_model)  # so fedge export needs the folder only
-        except JobError as error:
+        except (JobError, OSError) as error:
             print_errors("fedge simulate", error)
             return 2
         start = server.start_state().round_num
@@ -157,12 +156,12 @@ def run_simulation(job: Job, prepared: Prepared, out: Path, *, broker_url: str |
                   _progress(console, job.rounds.count, start) as show_round):
                 state = server.run()
         except ConnectionError as error:
-            print(f"fedge simulate: error: {error}", file=sys.stderr)
+            print_errors("fedge simulate", error)
             return 1
         finally:
             fleet.stop()
     rounds = read_metrics_log(out / METRICS_LOG) if (out / METRICS_LOG).exists() else []
-    _report(console, out, rounds, server, fleet, prepared.model.keras_model, process.get_model_weights(state).to_list(),
+    _report(console, out, rounds, fleet, prepared.model.keras_model, process.get_model_weights(state).to_list(),
             job.summary())
     if signals:
         console.print(f"stopped by {signal.Signals(signals[0]).name} after {state.round_num} of {job.rounds.count} "
@@ -204,8 +203,8 @@ def _progress(console: Any, total: int, done: int) -> Iterator[Any]:
         yield on_round
 
 
-def _report(console: Any, out: Path, rounds: list[dict[str, Any]], server: Any, fleet: Any, keras_model: Any,
-            weights: list[Any], caption: str) -> None:
+def _report(console: Any, out: Path, rounds: list[dict[str, Any]], fleet: Any, keras_model: Any, weights: list[Any],
+            caption: str) -> None:
     """Plots (captioned with the job) and the final model into the report folder, and the run's summary on the
     console."""
     from fedge.report import write_report
@@ -213,7 +212,8 @@ def _report(console: Any, out: Path, rounds: list[dict[str, Any]], server: Any, 
     written = write_report(out, rounds, keras_model, weights, caption)
     totals = fleet.totals()
     final = rounds[-1] if rounds else {}
-    console.print(f"{len(rounds)} rounds ({server.rounds_failed} failed); held-out accuracy "
+    failed = sum(record["outcome"] == "failed" for record in rounds)
+    console.print(f"{len(rounds)} rounds ({failed} failed); held-out accuracy "
                   f"{final.get('eval_accuracy', math.nan):.3f}; devices trained {totals.rounds_trained} times, "
                   f"{totals.rounds_dropped} dropped out mid-round")
     console.print(f"report: {out}/ ({', '.join(path.name for path in sorted(written))})")

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import resource
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,7 +60,7 @@ def run(args: argparse.Namespace, prog: str = "python -m simulator") -> int:
     try:
         password = broker_password(args)
     except ValueError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        print_errors(prog, error)
         return 2
 
     from device_runtime.signing import load_public_key  # after parsing: --help stays fast

@@ -338,17 +338,35 @@ def test_resume_without_a_stopped_run_is_one_line(tmp_path: Path, fleet: str) ->
     assert not (tmp_path / "reports").exists()
 
 
-def test_serve_refuses_a_checkpoint_of_another_model_in_one_line(tmp_path: Path, fleet: str) -> None:
+def _fit(shape_in: int = 4) -> list[np.ndarray]:
+    return [np.zeros((shape_in, 3), np.float32), np.zeros(3, np.float32)]
+
+
+@pytest.mark.parametrize("checkpoint, message", [
+    ({"weights": _fit(7)}, "state.npz does not hold this model's weights"),
+    ({"weights": _fit(), "model": "mlp"}, "state.npz was trained with another model"),
+    ({"weights": [np.full((4, 3), np.nan, np.float32), np.zeros(3, np.float32)]},
+     "state.npz: holds non-finite weights or optimizer slots (NaN or Inf)"),
+    ({"bytes": b"PK\x03\x04 a truncated archive"}, "state.npz: not a readable fedge checkpoint (BadZipFile"),
+])
+def test_serve_refuses_a_checkpoint_it_cannot_resume_in_one_line(checkpoint: dict, message: str, tmp_path: Path,
+                                                                 fleet: str) -> None:
+    from device_artifacts import artifact_path
     from fedge.learning.state import LearningProcessState, ModelWeights, save_state
 
     job = _small_job(tmp_path, fleet)
     checkpoints = tmp_path / "reports" / "serve" / "checkpoints"
     checkpoints.mkdir(parents=True)
-    other = ModelWeights([np.zeros((7, 3), np.float32), np.zeros(3, np.float32)], [])
-    save_state(checkpoints / "state.npz", LearningProcessState(other, {}, 4))
+    if "bytes" in checkpoint:
+        (checkpoints / "state.npz").write_bytes(checkpoint["bytes"])
+    else:
+        save_state(checkpoints / "state.npz", LearningProcessState(ModelWeights(checkpoint["weights"], []), {}, 4))
+    if "model" in checkpoint:  # the model the checkpoint was trained with, kept beside it: another one
+        (checkpoints / "model.tflite").write_bytes(artifact_path(checkpoint["model"], tmp_path).read_bytes())
+    kept = {path.name: path.read_bytes() for path in checkpoints.iterdir()}
     run = subprocess.run([sys.executable, "-m", "fedge.cli", "serve", str(job), "--broker", "mqtt://127.0.0.1:1"],
                          capture_output=True, text=True, timeout=TIMEOUT_S)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
     errors = [line for line in run.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "state.npz does not hold this model's weights" in errors[0], errors
-    assert "output.checkpoints" in errors[0] and not (checkpoints / "model.tflite").exists()
+    assert len(errors) == 1 and message in errors[0], errors
+    assert {path.name: path.read_bytes() for path in checkpoints.iterdir()} == kept  # nothing written or removed

@@ -43,11 +43,17 @@ def test_report_folder_has_plots_and_a_deployable_model(tmp_path):
     np.testing.assert_allclose(output, reloaded(x).numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_a_jobs_summary_says_model_data_process_rounds_and_fleet():
+def test_a_jobs_summary_says_model_data_process_rounds_and_fleet(tmp_path):
+    from device_artifacts import artifact_path
     from fedge.job import parse_override
 
-    summary = load_job(None, [parse_override(o) for o in ("process.algorithm=fedprox", "process.proximal_mu=0.01",
-                                                          "process.server_optimizer.name=adam")]).summary()
+    summary = load_job(None, [parse_override(o) for o in (
+        "process.algorithm=fedprox", "process.proximal_mu=0.01", "process.server_optimizer.name=adam",
+        "process.aggregator.clip_norm=0.5")]).summary()
     assert summary == ("digits: fedge.simulation.models:digits_classifier on digits (dirichlet); FedProx mu 0.01, "
-                       "5 local epoch(s) of sgd lr 0.1 momentum 0.9, server adam, mean; 20 of 40 devices a round "
-                       "(over-selection 1.3, deadline 20 s, float32), seed 0")
+                       "5 local epoch(s) of sgd lr 0.1 momentum 0.9, server adam, mean clip 0.5; 20 of 40 devices a "
+                       "round (over-selection 1.3, deadline 20 s, float32), seed 0")
+    served = load_job(None, [parse_override(o) for o in (
+        f"model.tflite={artifact_path('mlp', tmp_path)}", "model.factory=", "model.loss=", "model.batch_size=",
+        "model.optimizer=", "process.learning_rate=0.05")]).summary()
+    assert "5 local epoch(s) of the artifact's optimizer at lr 0.05, server sgd, mean;" in served, served

@@ -243,14 +243,21 @@ class Job:
         """The job in a line or two, as a report's plots caption it: model, data, process, rounds, fleet."""
         process, rounds, work = self.process, self.rounds, self.process.client_work
         algorithm = f"FedProx mu {work.proximal_mu:g}" if self.process.proximal else "FedAvg"
-        client, server = self.model.optimizer, process.server_optimizer
-        learning_rate = client.learning_rate if work.learning_rate is None else work.learning_rate
+        client, server, aggregator = self.model.optimizer, process.server_optimizer, process.aggregator
+        if self.model.converts:  # a .tflite's optimizer is baked in: only a learning rate sent in tasks is known
+            learning_rate = client.learning_rate if work.learning_rate is None else work.learning_rate
+            client_optimizer = f"{client.name} lr {learning_rate:g}{_numbers(client.settings)}"
+        else:
+            rate = "" if work.learning_rate is None else f" at lr {work.learning_rate:g}"
+            client_optimizer = f"the artifact's optimizer{rate}"
         data = self.data.source + ("" if self.data.natural_clients else f" ({self.data.partition})")
         server_rate = "" if server.learning_rate is None else f" lr {server.learning_rate:g}"
+        settings = (("trim", aggregator.trim_fraction), ("clip", aggregator.clip_norm),
+                    ("dp noise", aggregator.dp_noise_multiplier))
+        robust = "".join(f" {name} {value:g}" for name, value in settings if value is not None)
         return (f"{self.name}: {self.model.location} on {data}; {algorithm}, {work.epochs} local epoch(s) of "
-                f"{client.name} lr {learning_rate:g}{_numbers(client.settings)}, server {server.name}"
-                f"{server_rate}{_numbers(server.settings)}, "
-                f"{process.aggregator.name}; {rounds.clients_per_round} of {self.fleet.num_devices} devices a round "
+                f"{client_optimizer}, server {server.name}{server_rate}{_numbers(server.settings)}, "
+                f"{aggregator.name}{robust}; {rounds.clients_per_round} of {self.fleet.num_devices} devices a round "
                 f"(over-selection {rounds.over_selection:g}, deadline {rounds.deadline:g} s, {work.encoding}), "
                 f"seed {rounds.seed}")
 

@@ -8,10 +8,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from device_runtime.artifact import Artifact
+import numpy as np
+
+from device_runtime.artifact import Artifact, ArtifactError, read_manifest
 from device_runtime.atomic_file import replace_atomically
 from device_runtime.protocol import ProtocolError, check_id
-from device_runtime.manifest import Manifest
+from device_runtime.manifest import ContentHash, Manifest
 from fedge.learning.state import LearningProcessState, load_state, save_state
 
 logger = logging.getLogger(__name__)
@@ -35,16 +37,28 @@ class Checkpoints:
         self.path = self.directory / CHECKPOINT_FILE
 
     def latest(self, manifest: Manifest) -> LearningProcessState | None:
-        """The saved state, checked against the model's weights, or None when there is none yet."""
+        """The saved state, checked (read_state) and against the model: its weights' shapes, and the model it was
+        trained with when that is kept beside it (MODEL_FILE); None when there is none yet."""
         if not self.path.exists():
             return None
-        state = load_state(self.path)
+        state = read_state(self.path)
         try:
             state.global_model_weights.for_manifest(manifest)
         except ValueError as error:
             raise ValueError(f"{self.path} does not hold this model's weights ({error}); {self.NEW_JOB}") from None
+        trained_with = self._trained_with()
+        if trained_with is not None and trained_with != manifest.content_hash:
+            raise ValueError(f"{self.path} was trained with another model ({self.directory / MODEL_FILE}, "
+                             f"{trained_with}; this job's is {manifest.content_hash}); {self.NEW_JOB}")
         logger.info("resuming from %s at round %d", self.path, state.round_num)
         return state
+
+    def _trained_with(self) -> ContentHash | None:
+        """The content hash of the model kept beside the checkpoint, None without one (or an unreadable one)."""
+        try:
+            return read_manifest((self.directory / MODEL_FILE).read_bytes()).content_hash
+        except (OSError, ArtifactError):
+            return None
 
     def run_id(self, new: str) -> str:
         """The job's run id: the stored one when there is a checkpoint to resume (the same job), else `new`,
@@ -77,6 +91,23 @@ class Checkpoints:
     def save(self, state: LearningProcessState) -> Path:
         """Replace the checkpoint with `state` atomically."""
         return save_state(self.path, state)
+
+
+def read_state(path: Path) -> LearningProcessState:
+    """The process state saved at `path`, checked: readable, and its weights and optimizer slots finite; ValueError
+    naming the file and what to do otherwise (a corrupt or poisoned checkpoint never reaches a round)."""
+    try:
+        state = load_state(path)
+    except Exception as error:  # a damaged .npz raises anything: zipfile, numpy, JSON, key and value errors
+        raise ValueError(f"{path}: not a readable fedge checkpoint ({type(error).__name__}: {error}); restore it "
+                         f"from a backup, or remove it to start the job afresh") from None
+    weights = state.global_model_weights
+    arrays = [*weights.trainable, *weights.non_trainable, *(a for slot in state.server_optimizer_state.values()
+                                                             for a in slot)]
+    if not all(np.all(np.isfinite(array)) for array in arrays if np.issubdtype(array.dtype, np.floating)):
+        raise ValueError(f"{path}: holds non-finite weights or optimizer slots (NaN or Inf), which no round can "
+                         f"train from; restore it from a backup, or remove it to start the job afresh")
+    return state
 
 
 def _is_file(path: Path, other: str | None) -> bool:

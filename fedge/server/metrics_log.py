@@ -11,6 +11,8 @@ are skipped.
 from __future__ import annotations
 
 import csv
+import importlib.util
+import io
 import json
 import logging
 import os
@@ -20,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from device_runtime.atomic_file import replace_atomically
 from fedge.server.reports import surplus_and_refused
 
 logger = logging.getLogger(__name__)
@@ -136,19 +139,16 @@ class _CsvFile:
         self.columns = columns
 
     def _rewrite(self, columns: list[str], row: Mapping[str, Any]) -> None:
-        """The rows so far and `row` under `columns`, written to a temporary file that then replaces the CSV,
-        so a crash leaves the old file or the new one."""
+        """The rows so far and `row` under `columns`, replacing the CSV atomically (the old file or the new one)."""
         rows: list[Mapping[str, Any]] = []
         if self.path.exists():
             with open(self.path, newline="", encoding="utf-8") as f:
                 rows = list(csv.DictReader(f))
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        with open(temporary, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, columns)
-            writer.writeheader()
-            writer.writerows([*rows, row])
-            _sync(f)
-        os.replace(temporary, self.path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, columns)
+        writer.writeheader()
+        writer.writerows([*rows, row])
+        replace_atomically(self.path, lambda file: file.write(text.getvalue().encode("utf-8")))
 
 
 def _widened(columns: list[str], keys: list[str]) -> list[str]:
@@ -189,12 +189,12 @@ class _EventFile:
 
 
 def _tensorboardx_installed() -> bool:
-    """Whether tensorboardX imports: the desktop extra has it, a device-only install does not."""
+    """Whether tensorboardX is installed (the desktop extra has it, a device-only install does not); found, not
+    imported, so a server pays for the import only when it writes its first round."""
     try:
-        import tensorboardX.event_file_writer  # noqa: F401  (what _EventFile writes with)
-    except ImportError:
+        return importlib.util.find_spec("tensorboardX") is not None
+    except ValueError:  # a module set to None in sys.modules (blocked): as good as absent
         return False
-    return True
 
 
 def _sync(f: IO[str]) -> None:

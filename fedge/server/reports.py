@@ -45,7 +45,8 @@ class DropReason(str, enum.Enum):
 def surplus_and_refused(dropped: Mapping[str, int]) -> tuple[int, int]:
     """A round's `dropped` counts split into the surplus a healthy fleet produces (after the goal or the deadline)
     and the updates its checks refused (everything else): what a user should and should not worry about."""
-    surplus = sum(count for reason, count in dropped.items() if DropReason(reason).expected)
+    expected = {reason.value for reason in DropReason if reason.expected}  # an unknown name (an older log): refused
+    surplus = sum(count for reason, count in dropped.items() if reason in expected)
     return surplus, sum(dropped.values()) - surplus
 
 

@@ -56,8 +56,7 @@ class FederatedServer:
         self.process, self.executor, self.settings = process, executor, settings
         self._evaluation, self._eval_data = evaluation, eval_data
         self.checkpoints = Checkpoints(settings.checkpoint_dir)
-        executor.use_journal(self.checkpoints.directory / JOURNAL_FILE)  # a killed server loses no acked update
-        executor.run_id = self.checkpoints.run_id(executor.run_id)  # a resumed job keeps its run id
+        self._resumable = False  # whether start_state has checked the checkpoint and set up the journal and run id
         self._log = None if settings.metrics_log is None else MetricsLog(settings.metrics_log)
         self._start: LearningProcessState | None = None
         self._stopping = threading.Event()
@@ -71,7 +70,9 @@ class FederatedServer:
 
     def start_state(self) -> LearningProcessState:
         """The state run() starts from: the checkpoint's, checked against the process (its model's weights and its
-        server optimizer's slots), else a fresh one; ValueError naming the checkpoint when it cannot be resumed."""
+        server optimizer's slots), else a fresh one; ValueError naming the checkpoint when it cannot be resumed,
+        before anything is written beside it. Then the update journal (a killed server loses no acknowledged
+        update) and the job's run id (kept by a resumed job) are set up, once."""
         if self._start is None:
             state = self.checkpoints.latest(self.process.artifact.manifest)
             if state is None:
@@ -82,6 +83,10 @@ class FederatedServer:
                 except ValueError as error:
                     raise ValueError(f"{self.checkpoints.path}: {error}; {self.checkpoints.NEW_JOB}") from None
             self._start = state
+        if not self._resumable:
+            self.executor.use_journal(self.checkpoints.directory / JOURNAL_FILE)
+            self.executor.run_id = self.checkpoints.run_id(self.executor.run_id)
+            self._resumable = True
         return self._start
 
     def run(self) -> LearningProcessState:

@@ -81,7 +81,7 @@ def serve_command(args: argparse.Namespace) -> int:
         with server.executor, stopping_on_signals(server.stop):
             state = server.run()
     except ConnectionError as error:
-        print(f"fedge serve: error: {error}", file=sys.stderr)
+        print_errors("fedge serve", error)
         return 1
     rounds = job.rounds.count
     done = "all rounds done" if state.round_num >= rounds else "stopped; the same command resumes"
