@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 
 
@@ -17,17 +19,18 @@ def mnist_cnn(num_classes: int = 10) -> keras.Model:
     ], name="mcmahan_cnn")
 
 
-def digits_cnn(num_classes: int = 10) -> keras.Model:
-    """A small CNN for scikit-learn's 8x8 digits (5,130 parameters)."""
+def _digits_convolutions() -> list[Any]:
+    """The 8x8 digits models' input and convolutions: 3x3 conv 16, 2x2 max-pool, 3x3 conv 32 (a 4x4x32 map)."""
     layers = keras.layers
-    return keras.Sequential([
-        keras.Input((8, 8, 1)),
-        layers.Conv2D(16, 3, padding="same", activation="relu"),
-        layers.MaxPooling2D(2),
-        layers.Conv2D(32, 3, padding="same", activation="relu"),
-        layers.GlobalAveragePooling2D(),
-        layers.Dense(num_classes, activation="softmax"),
-    ], name="digits_cnn")
+    return [keras.Input((8, 8, 1)), layers.Conv2D(16, 3, padding="same", activation="relu"), layers.MaxPooling2D(2),
+            layers.Conv2D(32, 3, padding="same", activation="relu")]
+
+
+def digits_cnn(num_classes: int = 10) -> keras.Model:
+    """A small CNN for scikit-learn's 8x8 digits (5,130 parameters): the convolutions, global average pooling."""
+    layers = keras.layers
+    return keras.Sequential([*_digits_convolutions(), layers.GlobalAveragePooling2D(),
+                             layers.Dense(num_classes, activation="softmax")], name="digits_cnn")
 
 
 def digits_classifier(num_classes: int = 10) -> keras.Model:
@@ -35,14 +38,8 @@ def digits_classifier(num_classes: int = 10) -> keras.Model:
     map, so on label-skewed devices it leaves chance in the first rounds, where digits_cnn's global-average-pooled
     head stays near chance for about 15 (docs/benchmarks.md)."""
     layers = keras.layers
-    return keras.Sequential([
-        keras.Input((8, 8, 1)),
-        layers.Conv2D(16, 3, padding="same", activation="relu"),
-        layers.MaxPooling2D(2),
-        layers.Conv2D(32, 3, padding="same", activation="relu"),
-        layers.Flatten(),
-        layers.Dense(num_classes, activation="softmax"),
-    ], name="digits_classifier")
+    return keras.Sequential([*_digits_convolutions(), layers.Flatten(),
+                             layers.Dense(num_classes, activation="softmax")], name="digits_classifier")
 
 
 def char_gru(seq_length: int = 80, embedding_dim: int = 8, units: int = 256, vocab_size: int = 90) -> keras.Model:
