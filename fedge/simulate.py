@@ -141,9 +141,9 @@ def run_simulation(job: Job, prepared: Prepared, out: Path, *, broker_url: str |
             executor = build_executor(job, BrokerSettings(url))
             process = build_process(job, artifact, executor)
             server = build_server(job, process, executor, out / CHECKPOINTS, out / METRICS_LOG, prepared.evaluation,
-                                  on_round=lambda line: show_round(line))  # the progress below, once it is shown
-            server.checkpoints.save_model(artifact, prepared.model.keras_model)  # so fedge export needs the folder only
-        except (JobError, OSError) as error:
+                                  on_round=lambda line: show_round(line),  # the progress below, once it is shown
+                                  keras_model=prepared.model.keras_model)
+        except JobError as error:
             print_errors("fedge simulate", error)
             return 2
         start = server.start_state().round_num

@@ -210,15 +210,21 @@ def build_executor(job: Job, broker: BrokerSettings) -> MqttExecutor:
 
 def build_server(job: Job, process: LearningProcess, executor: FleetExecutor, checkpoint_dir: Path,
                  metrics_log: Path | None, evaluation: HeldOutEvaluation | None,
-                 on_round: Callable[[dict[str, Any]], None] | None = None) -> FederatedServer:
-    """The round loop: the job's rounds of `process` over `executor`, checkpointed to `checkpoint_dir`; JobError
-    when the checkpoint there is of another model or server optimizer."""
+                 on_round: Callable[[dict[str, Any]], None] | None = None, keras_model: Any | None = None
+                 ) -> FederatedServer:
+    """The round loop: the job's rounds of `process` over `executor`, checkpointed to `checkpoint_dir`, beside which
+    the model it trains is kept (the artifact, and `keras_model` when the job has one: the folder alone then gives
+    the trained model, `fedge export`); JobError when the checkpoint there is of another model or server
+    optimizer, or the model cannot be written beside it."""
     settings = ServerSettings(job.rounds.count, checkpoint_dir, metrics_log, job.rounds.seed,
                               job.rounds.checkin_wait, job.rounds.eval_every)
     server = FederatedServer(process, executor, settings, None if evaluation is None else evaluation.evaluation,
                              None if evaluation is None else evaluation.data, on_round=on_round)
     try:
         server.start_state()  # a checkpoint of another model or optimizer is the job's mistake: say so now
-    except ValueError as error:
+        saved = server.checkpoints.save_model(process.artifact, keras_model, keep=job.model.location)
+    except (ValueError, OSError) as error:
         raise JobError([f"{job.where}: {error}"]) from None
+    logger.info("the model %s (%s) beside the checkpoint: %s", job.model.location, process.artifact.content_hash,
+                ", ".join(path.name for path in saved) or "already there")
     return server

@@ -56,7 +56,7 @@ class FederatedServer:
         self.process, self.executor, self.settings = process, executor, settings
         self._evaluation, self._eval_data = evaluation, eval_data
         self.checkpoints = Checkpoints(settings.checkpoint_dir)
-        self._resumable = False  # whether start_state has checked the checkpoint and set up the journal and run id
+        self._set_up = False  # whether start_state has set up the journal and the run id (after the checkpoint's check)
         self._log = None if settings.metrics_log is None else MetricsLog(settings.metrics_log)
         self._start: LearningProcessState | None = None
         self._stopping = threading.Event()
@@ -83,10 +83,10 @@ class FederatedServer:
                 except ValueError as error:
                     raise ValueError(f"{self.checkpoints.path}: {error}; {self.checkpoints.NEW_JOB}") from None
             self._start = state
-        if not self._resumable:
+        if not self._set_up:
             self.executor.use_journal(self.checkpoints.directory / JOURNAL_FILE)
             self.executor.run_id = self.checkpoints.run_id(self.executor.run_id)
-            self._resumable = True
+            self._set_up = True
         return self._start
 
     def run(self) -> LearningProcessState:

@@ -66,11 +66,8 @@ def serve_command(args: argparse.Namespace) -> int:
         model = build_model(job)
         process = build_process(job, model.artifact, executor)
         evaluation = build_evaluation(job, model.artifact, job.data.load_test(job.rounds.seed))
-        server = build_server(job, process, executor, job.output.checkpoints, job.output.metrics_log, evaluation)
-        # once the job is known to run: the model beside its checkpoint, so the folder alone gives the trained model
-        saved = server.checkpoints.save_model(model.artifact, model.keras_model, keep=job.model.location)
-        logger.info("the model %s (%s) beside the checkpoint: %s", job.model.location, model.artifact.content_hash,
-                    ", ".join(path.name for path in saved) or "already there")
+        server = build_server(job, process, executor, job.output.checkpoints, job.output.metrics_log, evaluation,
+                              keras_model=model.keras_model)
     except (JobError, ValueError, TypeError, OSError) as error:
         print_errors("fedge serve", error)
         return 2
