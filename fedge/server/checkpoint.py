@@ -27,8 +27,8 @@ KERAS_MODEL_FILE = "model.keras"  # the Keras model it was converted from (untra
 class Checkpoints:
     """`<directory>/state.npz`, written after every round (fedge.learning.save_state: temp file, fsync, rename)."""
 
-    NEW_JOB = ("give the job another checkpoint folder (output.checkpoints, --checkpoint-dir) or remove its "
-               "state.npz to start a new job")
+    NEW_JOB = ("to start a new job, give it another checkpoint folder (fedge serve: output.checkpoints or "
+               "--checkpoint-dir; fedge simulate: run it without --resume) or remove that state.npz")
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         """Use (and create) `directory`."""
