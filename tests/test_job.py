@@ -347,6 +347,7 @@ def _fit(shape_in: int = 4) -> list[np.ndarray]:
     ({"weights": _fit(), "model": "mlp"}, "state.npz was trained with another model"),
     ({"weights": [np.full((4, 3), np.nan, np.float32), np.zeros(3, np.float32)]},
      "state.npz: holds non-finite weights or optimizer slots (NaN or Inf)"),
+    ({"weights": [np.full((4, 3), 1e20, np.float32), np.zeros(3, np.float32)]}, "or weights too large to train with"),
     ({"bytes": b"PK\x03\x04 a truncated archive"}, "state.npz: not a readable fedge checkpoint (BadZipFile"),
 ])
 def test_serve_refuses_a_checkpoint_it_cannot_resume_in_one_line(checkpoint: dict, message: str, tmp_path: Path,

@@ -337,6 +337,46 @@ def test_bad_late_and_duplicate_updates_are_dropped_and_counted(artifact, make_e
     assert set(distributor["dropped"]) | {"late", "after_goal"} == {r.value for r in DropReason}  # after_goal: the rounds test
 
 
+def test_an_update_that_would_make_the_weights_insane_is_refused_and_the_server_goes_on(
+        artifact, make_executor, fake_devices, fleet, tmp_path, caplog):
+    """Finite deltas near float32's maximum with a claimed 2**62 examples dominate the mean: weights of ~3e38, whose
+    squares overflow, would be committed (and the next such round would make them Inf). The round is refused, the
+    weights stay, the checkpoint stays sane and the next honest round completes."""
+    manifest = artifact.manifest
+    fake_devices.announce("honest", "hostile")
+    executor = make_executor(clients_per_round=2, deadline_s=20, over_selection=1.0)
+    wait_until(lambda: len(executor.registry.available()) == 2, "the devices to check in")
+    settings = ServerSettings(rounds=2, checkpoint_dir=tmp_path / "ckpt", metrics_log=tmp_path / "metrics.jsonl",
+                              checkin_timeout_s=10)
+    server = FederatedServer(make_process(artifact, executor), executor, settings)
+    start = server.start_state()
+    finished: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: finished.put(server.run()), daemon=True).start()
+
+    task = fake_devices.next_task()
+    huge = [np.full(w.shape, 3e38, np.float32) for w in manifest.weights]
+    fake_devices.publish(update_topic(fleet, "hostile"), fake_update(manifest, fleet, "hostile", task.round,
+                                                                     task.run_id, tensors=huge, num_examples=2**62))
+    fake_devices.publish(update_topic(fleet, "honest"), fake_update(manifest, fleet, "honest", task.round,
+                                                                    task.run_id))
+    task = fake_devices.next_task()  # the server goes on to the next round
+    for device in ("honest", "hostile"):
+        fake_devices.publish(update_topic(fleet, device), fake_update(manifest, fleet, device, task.round,
+                                                                      task.run_id))
+    state = finished.get(timeout=TIMEOUT_S)
+
+    lines = read_metrics_log(tmp_path / "metrics.jsonl")
+    assert [(line["outcome"], line.get("refused"), line["accepted"]) for line in lines] == \
+        [("failed", "insane_state", 2), ("completed", None, 2)]
+    assert "round 0 refused: its aggregate would make the global weights" in caplog.text
+    saved = fl.load_state(tmp_path / "ckpt" / "state.npz")
+    assert state.round_num == saved.round_num == 2
+    assert all(np.all(np.isfinite(w)) for w in saved.global_model_weights.to_list())
+    moved = [np.max(np.abs(a - b)) for a, b in zip(saved.global_model_weights.to_list(),
+                                                   start.global_model_weights.to_list(), strict=True)]
+    assert 0 < max(moved) < 1  # only the honest second round moved the weights
+
+
 def test_a_round_short_of_min_reports_fails_cleanly_and_the_next_succeeds(artifact, start_agents, make_executor,
                                                                            fake_devices, tmp_path):
     start_agents({"dev-0": toy_data(12, seed=0), "dev-1": toy_data(12, seed=1)})

@@ -34,7 +34,7 @@ from device_runtime.protocol import ClientWork, RoundConfig
 from fedge.learning.executors import ClientUpdate, Executor, RoundFailedError, get_default_executor, round_seed
 from fedge.learning.lowering import lower_model_fn
 from fedge.learning.metrics import sum_then_finalize
-from fedge.learning.state import LearningProcessState, ModelWeights
+from fedge.learning.state import MAX_WEIGHT_MAGNITUDE, LearningProcessState, ModelWeights, is_sane
 from fedge.templates import IterativeProcess
 
 Metrics = dict[str, dict[str, Any]]
@@ -185,6 +185,12 @@ def aggregate_round(state: LearningProcessState, weights: ModelWeights, updates:
         report = failure.report
     new_weights, optimizer_state, update_norm = _server_step(state, weights, sums.deltas.result(), manifest,
                                                              server_optimizer)
+    if not is_sane(new_weights, optimizer_state):  # e.g. huge finite deltas with a huge claimed example count
+        logger.error("round %d refused: its aggregate would make the global weights non-finite or too large to train "
+                     "with (|w| >= %.3g), or the server optimizer's state non-finite; the weights and server "
+                     "optimizer state stay unchanged", state.round_num, MAX_WEIGHT_MAGNITUDE)
+        new_weights, optimizer_state, update_norm = weights, state.server_optimizer_state, 0.0
+        report = {**report, "outcome": "failed", "refused": "insane_state"}
     deltas = sums.deltas
     metrics = {
         "distributor": {"bytes_down": sums.bytes_down, **report},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,3 +123,16 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+# No trained weight reaches this: its square overflows float32, so its L2 norm and its products with activations of its
+# size are Inf. A state holding one is refused (a round that would commit it, a checkpoint that holds it).
+MAX_WEIGHT_MAGNITUDE = float(np.sqrt(np.finfo(np.float32).max))
+
+
+def is_sane(weights: ModelWeights, optimizer_state: Mapping[str, Sequence[np.ndarray]]) -> bool:
+    """Whether a process may train from this state: every weight finite and below MAX_WEIGHT_MAGNITUDE, every server
+    optimizer slot finite."""
+    if not all(bool(np.all(np.abs(w) < MAX_WEIGHT_MAGNITUDE)) for w in (*weights.trainable, *weights.non_trainable)):
+        return False  # NaN compares False: refused too
+    return all(bool(np.all(np.isfinite(a))) for slot in optimizer_state.values() for a in slot)

@@ -8,13 +8,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from device_runtime.artifact import Artifact, ArtifactError, read_manifest
 from device_runtime.atomic_file import replace_atomically
 from device_runtime.protocol import ProtocolError, check_id
 from device_runtime.manifest import ContentHash, Manifest
-from fedge.learning.state import LearningProcessState, load_state, save_state
+from fedge.learning.state import MAX_WEIGHT_MAGNITUDE, LearningProcessState, is_sane, load_state, save_state
 
 logger = logging.getLogger(__name__)
 
@@ -101,12 +99,10 @@ def read_state(path: Path) -> LearningProcessState:
     except Exception as error:  # a damaged .npz raises anything: zipfile, numpy, JSON, key and value errors
         raise ValueError(f"{path}: not a readable fedge checkpoint ({type(error).__name__}: {error}); restore it "
                          f"from a backup, or remove it to start the job afresh") from None
-    weights = state.global_model_weights
-    arrays = [*weights.trainable, *weights.non_trainable, *(a for slot in state.server_optimizer_state.values()
-                                                             for a in slot)]
-    if not all(np.all(np.isfinite(array)) for array in arrays if np.issubdtype(array.dtype, np.floating)):
-        raise ValueError(f"{path}: holds non-finite weights or optimizer slots (NaN or Inf), which no round can "
-                         f"train from; restore it from a backup, or remove it to start the job afresh")
+    if not is_sane(state.global_model_weights, state.server_optimizer_state):
+        raise ValueError(f"{path}: holds non-finite weights or optimizer slots (NaN or Inf) or weights too large to "
+                         f"train with (|w| >= {MAX_WEIGHT_MAGNITUDE:.3g}); restore it from a backup, or remove it to "
+                         f"start the job afresh")
     return state
 
 

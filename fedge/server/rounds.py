@@ -160,6 +160,7 @@ class FederatedServer:
             "dropped": distributor["dropped"], "bytes_down": distributor["bytes_down"],
             "bytes_up": metrics["aggregator"]["bytes_up"], "bytes_published": distributor["bytes_published"],
             "update_norm": metrics["finalizer"]["update_norm"],
+            **({"refused": distributor["refused"]} if "refused" in distributor else {}),  # why a round was refused
             **{name: value for name, value in metrics["aggregator"].items()  # e.g. dp_epsilon, clipped_clients
                if name not in ("num_clients", "bytes_up", "mean_weight")},
             **{f"train_{name}": value for name, value in train.items()},
