@@ -83,9 +83,10 @@ class Client:
 
     def __init__(self, broker: SecureBroker, user: str | None, password: str | None = None, *,
                  ca: Path | None = None, cert: tuple[Path, Path] | None = None,
-                 will: tuple[str, bytes] | None = None, timeout: float = TIMEOUT_S) -> None:
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex[:10]}",
-                                  protocol=mqtt.MQTTv311)
+                 will: tuple[str, bytes] | None = None, timeout: float = TIMEOUT_S,
+                 client_id: str | None = None) -> None:
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311,
+                                  client_id=client_id or f"test-{uuid.uuid4().hex[:10]}")
         if user is not None:
             self.client.username_pw_set(user, password if password is not None else broker.files.passwords[user])
         self.client.tls_set(ca_certs=str(ca or broker.files.ca_cert),
@@ -99,7 +100,8 @@ class Client:
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda c, u, mid, codes, p: self.granted.append([str(code) for code in codes])
         self.client.on_message = self._on_message
-        self.client.on_disconnect = lambda *args: self._answered.set()  # refused after the handshake: stop waiting
+        self.disconnects = 0
+        self.client.on_disconnect = self._on_disconnect
         self.client.connect("127.0.0.1", broker.port, keepalive=30)
         self.client.loop_start()
         self._answered.wait(timeout)
@@ -107,6 +109,10 @@ class Client:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connack = reason_code
         self._answered.set()
+
+    def _on_disconnect(self, *args) -> None:
+        self.disconnects += 1
+        self._answered.set()  # refused after the handshake: stop waiting
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         if not message.retain:
@@ -199,6 +205,15 @@ def test_client_certificates_when_required(tmp_path):
 
 
 # --------------------------------------------------------------------------------- what each may do
+
+
+def test_a_device_cannot_take_over_the_servers_session_by_its_client_id(clients):
+    server_session = f"fedge-server-{FLEET}"  # the persistent session fedge serve keeps its queued updates in
+    server = clients(SERVER_USER, client_id=server_session)
+    intruder = clients("dev-1", client_id=server_session)
+    assert server.connack == 0 and intruder.connack == 0
+    time.sleep(1.0)  # a broker that honoured the intruder's client id would have dropped the server by now
+    assert server.disconnects == 0 and server.client.is_connected()
 
 
 def test_a_device_cannot_publish_as_another_device_nor_as_the_server(clients):
