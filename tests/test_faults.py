@@ -221,6 +221,22 @@ def test_the_update_journal_replays_a_killed_run_and_stops_at_a_torn_record(tmp_
     assert list(UpdateJournal(path).replay()) == [] and path.stat().st_size == 0
 
 
+def test_a_damaged_record_in_the_middle_of_the_journal_loses_only_itself(tmp_path, caplog):
+    path = tmp_path / JOURNAL_FILE
+    messages = [(f"fedge/f/update/dev-{i}", bytes([i]) * (100 + i), 1000.0 + i) for i in range(4)]
+    first = UpdateJournal(path)
+    for message in messages:
+        first.append(message)
+    first.close()
+    data = bytearray(path.read_bytes())
+    second_record = 20 + len(messages[0][0]) + len(messages[0][1])  # header 20 bytes, topic, payload
+    data[second_record + 40] ^= 0xFF  # a flipped bit in the second record's payload: its CRC no longer matches
+    path.write_bytes(bytes(data))
+    replayed = list(UpdateJournal(path).replay())
+    assert replayed == [messages[0], messages[2], messages[3]]
+    assert f"skipped {20 + len(messages[1][0]) + len(messages[1][1])} damaged bytes after 1 messages" in caplog.text
+
+
 def _host_port(url: str) -> tuple[str, int]:
     """(host, port) of an mqtt://host:port URL."""
     host, port = url.removeprefix("mqtt://").split(":")

@@ -7,12 +7,13 @@ executor appends each update here (flushed and fsynced) inside that callback; a 
 server replays the journal into the round it resumes, and each checkpoint clears it. A record
 is `<received_at f64><topic u32><payload u32><crc32 u32>` then the topic and the payload, the
 CRC covering all the rest; a torn last record (a crash mid-write) fails its length or CRC check
-and ends the replay.
+and ends the replay; a damaged record in the middle is skipped and the records after it kept.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -27,6 +28,7 @@ JOURNAL_FILE = "updates.journal"
 _FIELDS = struct.Struct("<dII")  # received_at, topic size, payload size
 _CRC = struct.Struct("<I")
 _REPLAY_SUFFIX = ".replay"
+_MAX_TOPIC = 65535  # MQTT's limit on a topic's length
 
 Message = tuple[str, bytes, float]  # (topic, payload, received_at), as the executor's inbox holds them
 
@@ -87,20 +89,47 @@ class UpdateJournal:
 
 
 def _records(path: Path) -> Iterator[tuple[bytes, Message]]:
-    """Each whole record of a journal file (its bytes and its message), up to a torn one, which is logged."""
-    count = 0
-    with open(path, "rb") as journal:
-        while header := journal.read(_FIELDS.size + _CRC.size):
-            fields, crc = header[:_FIELDS.size], header[_FIELDS.size:]
-            if len(crc) == _CRC.size:
-                received_at, topic_size, payload_size = _FIELDS.unpack(fields)
-                topic, payload = journal.read(topic_size), journal.read(payload_size)
-                if len(payload) == payload_size and _checksum(fields, topic, payload) == _CRC.unpack(crc)[0]:
-                    count += 1
-                    yield header + topic + payload, (topic.decode("utf-8", "replace"), payload, received_at)
-                    continue
+    """Each whole record of a journal file (its bytes and its message). A damaged record (a bad length or CRC) is
+    skipped: the records after it are found again at the next offset where a whole record checks out, and the
+    bytes skipped are logged; a torn last record (a crash mid-write) ends the file."""
+    if not path.stat().st_size:
+        return
+    with open(path, "rb") as journal, mmap.mmap(journal.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        yield from _scan(path, data)  # mapped, not read: a large journal costs no memory to replay
+
+
+def _scan(path: Path, data: mmap.mmap) -> Iterator[tuple[bytes, Message]]:
+    """_records over the mapped file `data`."""
+    count = offset = 0
+    while offset < len(data):
+        record = _record_at(data, offset)
+        if record is not None:
+            count += 1
+            yield record
+            offset += len(record[0])
+            continue
+        following = next((start for start in range(offset + 1, len(data)) if _record_at(data, start)), None)
+        if following is None:
             logger.warning("%s: a torn record after %d messages ends it", path, count)
             return
+        logger.warning("%s: skipped %d damaged bytes after %d messages; the records after them are kept", path,
+                       following - offset, count)
+        offset = following
+
+
+def _record_at(data: mmap.mmap, offset: int) -> tuple[bytes, Message] | None:
+    """The whole record starting at `offset` (its bytes and its message), or None when none checks out there."""
+    end = offset + _FIELDS.size + _CRC.size
+    if end > len(data):
+        return None
+    received_at, topic_size, payload_size = _FIELDS.unpack_from(data, offset)
+    if topic_size > _MAX_TOPIC or end + topic_size + payload_size > len(data):  # cheap checks before the CRC
+        return None
+    fields = data[offset:offset + _FIELDS.size]
+    topic, payload = data[end:end + topic_size], data[end + topic_size:end + topic_size + payload_size]
+    if _checksum(fields, topic, payload) != _CRC.unpack_from(data, offset + _FIELDS.size)[0]:
+        return None
+    return data[offset:end + topic_size + payload_size], (topic.decode("utf-8", "replace"), payload, received_at)
 
 
 def _checksum(fields: bytes, topic: bytes, payload: bytes) -> int:
