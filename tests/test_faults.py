@@ -201,13 +201,19 @@ def test_server_killed_mid_round_resumes_and_ends_with_the_uninterrupted_model(a
         "resumed_round_dropped": lines[1]["dropped"], "final_weights_equal_uninterrupted": "bitwise"})
 
 
+def _journaled(path, count: int) -> list[tuple[str, bytes, float]]:
+    """`count` update messages of distinct sizes journaled to `path` by a run that then stopped; returns them."""
+    messages = [(f"fedge/f/update/dev-{i}", bytes([i]) * (100 + i), 1000.0 + i) for i in range(count)]
+    journal = UpdateJournal(path)
+    for message in messages:
+        journal.append(message)
+    journal.close()
+    return messages
+
+
 def test_the_update_journal_replays_a_killed_run_and_stops_at_a_torn_record(tmp_path, caplog):
     path = tmp_path / JOURNAL_FILE
-    messages = [(f"fedge/f/update/dev-{i}", bytes([i]) * (100 + i), 1000.0 + i) for i in range(3)]
-    first = UpdateJournal(path)
-    for message in messages:
-        first.append(message)
-    first.close()
+    messages = _journaled(path, 3)
     with open(path, "ab") as torn:  # the kill came in the middle of writing a fourth record
         torn.write(b"\x00" * 20)
     second = UpdateJournal(path)  # a restarted server
@@ -223,11 +229,7 @@ def test_the_update_journal_replays_a_killed_run_and_stops_at_a_torn_record(tmp_
 
 def test_a_damaged_record_in_the_middle_of_the_journal_loses_only_itself(tmp_path, caplog):
     path = tmp_path / JOURNAL_FILE
-    messages = [(f"fedge/f/update/dev-{i}", bytes([i]) * (100 + i), 1000.0 + i) for i in range(4)]
-    first = UpdateJournal(path)
-    for message in messages:
-        first.append(message)
-    first.close()
+    messages = _journaled(path, 4)
     data = bytearray(path.read_bytes())
     second_record = 20 + len(messages[0][0]) + len(messages[0][1])  # header 20 bytes, topic, payload
     data[second_record + 40] ^= 0xFF  # a flipped bit in the second record's payload: its CRC no longer matches
